@@ -1,0 +1,53 @@
+"""Torch reference for the page work: write, gather, copy, roll back.
+
+Every CuPy kernel in this package must match these functions (bit for bit for copies).
+They run on any device torch runs on, and are the implementation used on CPU.
+
+Layout of one model's KV cache: ``kv [L, 2, num_pages, P, H, D]`` (layer, key/value, page,
+offset in page, KV head, head dim). A *slot* is ``page * P + offset``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def slots_for(block_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
+    """Slot ids of token positions [start, end) of a sequence. block_table [N] -> slots [end - start]."""
+    pos = torch.arange(start, end, device=block_table.device)  # [T]
+    return block_table[pos // page_size] * page_size + pos % page_size
+
+
+def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write keys/values of T tokens into one layer's pages. kv [L, 2, N, P, H, D]; k, v [T, H, D]; slots [T]."""
+    L, _, N, P, H, D = kv.shape
+    flat = kv[layer].view(2, N * P, H, D)  # [2, N*P, H, D]
+    flat[0].index_copy_(0, slots, k.to(kv.dtype))
+    flat[1].index_copy_(0, slots, v.to(kv.dtype))
+
+
+def write_kv_all_layers(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write all layers at once. kv [L, 2, N, P, H, D]; k, v [L, T, H, D]; slots [T]."""
+    L, _, N, P, H, D = kv.shape
+    flat = kv.view(L, 2, N * P, H, D)
+    flat[:, 0].index_copy_(1, slots, k.to(kv.dtype))
+    flat[:, 1].index_copy_(1, slots, v.to(kv.dtype))
+
+
+def gather_kv(kv: torch.Tensor, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous keys/values of the first `length` positions of a sequence -> k, v [length, H, D]."""
+    L, _, N, P, H, D = kv.shape
+    n_pages = -(-length // P)
+    pages = kv[layer][:, block_table[:n_pages]]  # [2, n_pages, P, H, D]
+    pages = pages.reshape(2, n_pages * P, H, D)[:, :length]
+    return pages[0], pages[1]
+
+
+def copy_pages(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole pages src[i] -> dst[i] for every layer (forking a sequence). kv [L, 2, N, P, H, D]; src, dst [M]."""
+    kv[:, :, dst] = kv[:, :, src]
+
+
+def rollback_block_table(block_table: list[int], n: int, page_size: int) -> tuple[list[int], list[int]]:
+    """Truncate a block table to cover n tokens -> (kept pages, freed pages)."""
+    keep = -(-n // page_size)
+    return block_table[:keep], block_table[keep:]

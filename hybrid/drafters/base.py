@@ -1,0 +1,44 @@
+"""The Drafter protocol and the Draft it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from hybrid.pages import PagePool, Sequence
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [B] int64; B may be shorter than asked (0: nothing to propose)
+    q: torch.Tensor | None = None  # [B, V] proposal probabilities; None: deterministic (one-hot at tokens)
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.numel())
+
+
+@dataclass
+class Context:
+    """What a drafter sees of one sequence: the committed tokens and its pages."""
+
+    tokens: list[int]  # all committed tokens, prompt included
+    seq: Sequence | None = None
+    extra: dict = field(default_factory=dict)  # per-sequence drafter state
+
+
+class Drafter(Protocol):
+    name: str
+    max_block_size: int
+    max_steps: int
+    capture_layers: list[int]  # verifier layers whose hidden states the drafter conditions on ([] for none)
+
+    def attach(self, pool: PagePool, verifier) -> None:
+        """Check compatibility with the verifier and register KV caches with the shared pool."""
+
+    def observe(self, ctx: Context, hidden: torch.Tensor | None, start: int) -> None:
+        """Committed context positions [start, start + m) with the verifier's captured hidden states [m, n*H]."""
+
+    def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
+        """Draft up to block_size tokens following ctx.tokens in `steps` denoising steps."""

@@ -1,0 +1,57 @@
+"""A small causal LM as drafter, one token at a time (the classic draft-model baseline).
+
+Its keys/values live in the shared page pool under its own model name, on the same block
+table as the verifier. With the verifier's own model as drafter every draft token is accepted.
+"""
+from __future__ import annotations
+
+import torch
+
+from hybrid.acceptance import sample, warp
+from hybrid.drafters.base import Context, Draft
+from hybrid.verifiers.hf import HFVerifier
+from hybrid.vocab import check_same_vocab
+
+
+class CausalDrafter:
+    capture_layers: list[int] = []
+    max_steps = 1
+
+    def __init__(self, lm: HFVerifier, max_block_size: int = 16):
+        self.lm = lm
+        self.lm.name = "drafter"
+        self.name = "causal"
+        self.max_block_size = max_block_size
+
+    @classmethod
+    def from_pretrained(cls, spec: str, dtype="auto", device: str = "cpu") -> "CausalDrafter":
+        return cls(HFVerifier.from_pretrained(spec, dtype, device))
+
+    def attach(self, pool, verifier) -> None:
+        check_same_vocab(verifier, self.lm.tokenizer, self.lm.vocab_size, "drafter")
+        self.lm.attach(pool)
+
+    def observe(self, ctx: Context, hidden, start: int) -> None:
+        pass  # catches up lazily in propose
+
+    @torch.inference_mode()
+    def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
+        params, generator = sampler
+        seq, n = ctx.seq, len(ctx.tokens)
+        done = seq.lengths[self.lm.name]
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        pending = torch.tensor(ctx.tokens[done:], dtype=torch.long)  # context the drafter has not seen
+        for _ in range(block_size):
+            logits = self.lm.score(seq, pending).logits[-1:]  # [1, V]
+            if params.greedy:
+                tok = int(logits.argmax(-1))
+            else:
+                q = warp(logits, params)  # [1, V]
+                tok = int(sample(q, generator)[0])
+                qs.append(q[0])
+            tokens.append(tok)
+            pending = torch.tensor([tok])
+        # keep only the committed context; the draft's positions are rewritten next round
+        seq.lengths[self.lm.name] = n  # positions [0, n) hold the committed context
+        return Draft(torch.tensor(tokens, dtype=torch.long), torch.stack(qs) if qs else None)

@@ -1,0 +1,145 @@
+"""The speculative loop: draft -> verify -> accept -> commit -> roll back.
+
+Invariant between rounds, for a sequence of n committed tokens: the verifier's pages hold
+positions [0, n - 1) (every committed token but the last), and so do the drafter's context
+features; the last committed token is the first input of the next verify pass.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from hybrid.acceptance import SamplingParams, accept
+from hybrid.drafters.base import Context, Draft, Drafter
+from hybrid.errors import UserError
+from hybrid.pages import PagePool
+
+
+@dataclass
+class LoopConfig:
+    max_new_tokens: int = 128
+    block_size: int = 4
+    steps: int = 1
+    stop_on_eos: bool = True
+
+
+@dataclass
+class Round:
+    """What one round did; the loop yields one per round (the first is the prefill)."""
+
+    tokens: list[int]  # committed this round: accepted draft tokens + the bonus token
+    block_size: int  # draft tokens proposed (may be below the size asked)
+    steps: int
+    accepted: int
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    finish_reason: str | None = None  # "eos", "length" or None (the caller decides "stop")
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speculative_decode(
+    verifier,
+    drafter: Drafter | None,
+    pool: PagePool,
+    prompt: list[int],
+    cfg: LoopConfig,
+    params: SamplingParams,
+    schedule: Callable[[Context], tuple[int, int]] | None = None,
+) -> Iterator[Round]:
+    """Generate from `prompt`, yielding each round's committed tokens as soon as they are committed.
+
+    `drafter=None` is plain decoding (an empty draft every round). `schedule(ctx) -> (block size,
+    steps)` picks each round's block size (the coordinator); default: cfg.block_size, cfg.steps.
+    The caller may stop iterating at any point; the sequence's pages are freed either way.
+    """
+    if not prompt:
+        raise UserError("empty prompt: give at least one token of text")
+    if len(prompt) >= verifier.max_context:
+        raise UserError(
+            f"prompt of {len(prompt)} tokens does not fit the verifier's context window of "
+            f"{verifier.max_context}: shorten the prompt"
+        )
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    seq = pool.new_sequence()
+    ctx = Context(tokens=list(prompt), seq=seq)
+    try:
+        # Budget check up front: the whole request must fit the pool, or it is refused now.
+        worst = min(len(prompt) + cfg.max_new_tokens + cfg.block_size, verifier.max_context + cfg.block_size)
+        if pool.pages_for(worst) > pool.free_pages:
+            pool.reserve(seq, worst)  # raises PagesExhausted with the numbers
+
+        # 1. prefill: every prompt token but the last into the verifier's pages (and the drafter's)
+        t0 = time.perf_counter()
+        hidden = verifier.prefill(seq, torch.tensor(prompt[:-1], dtype=torch.long))
+        if drafter is not None:
+            drafter.observe(ctx, hidden, 0)
+        _sync(verifier.device)
+        yield Round([], 0, 0, 0, verify_s=time.perf_counter() - t0)
+
+        generated = 0
+        while True:
+            n = len(ctx.tokens)
+            room = min(cfg.max_new_tokens - generated, verifier.max_context - n)
+            if room <= 0:
+                return
+            block_size, steps = schedule(ctx) if schedule else (cfg.block_size, cfg.steps)
+            block_size = max(0, min(block_size, room - 1))  # a round commits at most block_size + 1
+
+            # 2. draft: propose a block after the last committed token
+            t0 = time.perf_counter()
+            draft = Draft(torch.empty(0, dtype=torch.long))
+            if drafter is not None and block_size > 0:
+                draft = drafter.propose(ctx, block_size, steps, (params, generator))
+            _sync(verifier.device)
+            t1 = time.perf_counter()
+
+            # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
+            inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]
+            out = verifier.score(seq, inputs)
+
+            # 4. accept: the longest agreeing prefix plus one token of the verifier's own
+            acc = accept(draft.tokens, draft.q, out.logits, params, generator)
+            _sync(verifier.device)
+            t2 = time.perf_counter()
+
+            # 5. commit: accepted draft tokens + bonus, cut at EOS and the token budget
+            new = draft.tokens[: acc.accepted].tolist() + [acc.bonus]
+            finish = None
+            if cfg.stop_on_eos:
+                for i, t in enumerate(new):
+                    if t in verifier.eos_token_ids:
+                        new, finish = new[: i + 1], "eos"
+                        break
+            ctx.tokens.extend(new)
+            generated += len(new)
+            if finish is None and (generated >= cfg.max_new_tokens or len(ctx.tokens) >= verifier.max_context):
+                finish = "length"
+
+            # 6. roll back: keep pages for the committed tokens but the last; drop rejected positions
+            kept = len(ctx.tokens) - 1
+            if seq.length > kept:
+                removed = verifier.rollback(seq, kept)
+                assert removed == seq_len_before(n, draft) - kept, "rollback removed the wrong number of tokens"
+            if drafter is not None and out.hidden is not None:
+                drafter.observe(ctx, out.hidden[: acc.accepted + 1], n - 1)
+
+            yield Round(new, draft.size, steps if draft.size else 0, acc.accepted, t1 - t0, t2 - t1, finish)
+            if finish is not None:
+                return
+    finally:
+        pool.free(seq)
+
+
+def seq_len_before(n: int, draft: Draft) -> int:
+    """Positions the pages hold right after verifying a draft at n committed tokens."""
+    return n + draft.size

@@ -1,0 +1,152 @@
+"""One pool of KV pages shared by the verifier and the drafter.
+
+A page holds P consecutive token positions of keys/values for every layer of every model
+registered with the pool. A sequence owns one block table (its list of page ids); the same
+page id holds the same positions for the verifier's layers and the drafter's layers, so a
+roll back frees a page for both models at once.
+
+Each model registers a cache ``kv [L, 2, num_pages, P, H, D]``; the page work itself
+(write by slot mapping, gather, copy, block-table roll back) lives in ``hybrid.cuda``:
+the torch reference everywhere, CuPy kernels on a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hybrid.cuda import reference as ref
+from hybrid.errors import PagesExhausted
+
+
+@dataclass
+class Sequence:
+    """A sequence's block table and how many positions each model has written."""
+
+    seq_id: int
+    block_table: list[int] = field(default_factory=list)
+    lengths: dict[str, int] = field(default_factory=dict)
+    _table_tensor: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions held by the sequence: the furthest any model has written."""
+        return max(self.lengths.values(), default=0)
+
+
+class PagePool:
+    """A bounded pool of KV pages for one or more models, with per-sequence block tables."""
+
+    def __init__(self, num_pages: int, page_size: int = 16, device: str | torch.device = "cpu"):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError("num_pages and page_size must be >= 1")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.kv: dict[str, torch.Tensor] = {}  # model -> [L, 2, N, P, H, D]
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack; pops low ids first
+        self._seqs: dict[int, Sequence] = {}
+        self._next_id = 0
+
+    # -- models ---------------------------------------------------------------------------
+    def register(self, model: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """Allocate the cache of one model: kv [L, 2, num_pages, P, H, D]."""
+        if model in self.kv:
+            raise ValueError(f"model {model!r} is already registered with this pool")
+        self.kv[model] = torch.zeros(
+            num_layers, 2, self.num_pages, self.page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device
+        )
+        return self.kv[model]
+
+    # -- sequences ------------------------------------------------------------------------
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def new_sequence(self) -> Sequence:
+        seq = Sequence(self._next_id, lengths={m: 0 for m in self.kv})
+        self._seqs[seq.seq_id] = seq
+        self._next_id += 1
+        return seq
+
+    def sequences(self) -> list[Sequence]:
+        return list(self._seqs.values())
+
+    def reserve(self, seq: Sequence, n_tokens: int) -> None:
+        """Make the block table cover n_tokens positions, taking pages from the pool."""
+        need = self.pages_for(n_tokens) - len(seq.block_table)
+        if need <= 0:
+            return
+        if need > len(self._free):
+            raise PagesExhausted(
+                f"KV pages exhausted: sequence needs {need} more pages of {self.page_size} tokens, "
+                f"{len(self._free)} of {self.num_pages} are free; raise --num-pages or shorten the request"
+            )
+        seq.block_table.extend(self._free.pop() for _ in range(need))
+        seq._table_tensor = None
+
+    def block_table(self, seq: Sequence) -> torch.Tensor:
+        """The block table as a tensor on the pool's device: [n_pages]."""
+        if seq._table_tensor is None:
+            seq._table_tensor = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+        return seq._table_tensor
+
+    def rollback(self, seq: Sequence, n: int) -> int:
+        """Truncate the sequence to n tokens for every model, freeing pages past it.
+
+        Returns the number of token positions removed (0 only when the sequence already held n).
+        """
+        if n < 0 or n > seq.length:
+            raise ValueError(f"cannot roll back a sequence of {seq.length} tokens to {n}")
+        removed = seq.length - n
+        for model in seq.lengths:
+            seq.lengths[model] = min(seq.lengths[model], n)
+        kept, freed = ref.rollback_block_table(seq.block_table, n, self.page_size)
+        if freed:
+            seq.block_table = kept
+            seq._table_tensor = None
+            self._free.extend(reversed(freed))
+        return removed
+
+    def free(self, seq: Sequence) -> None:
+        """Return all pages of a finished sequence to the pool."""
+        if self._seqs.pop(seq.seq_id, None) is None:
+            return
+        self._free.extend(reversed(seq.block_table))
+        seq.block_table = []
+        seq._table_tensor = None
+        seq.lengths = {m: 0 for m in seq.lengths}
+
+    def fork(self, seq: Sequence) -> Sequence:
+        """A new sequence with a copy of seq's pages (for every model)."""
+        child = self.new_sequence()
+        self.reserve(child, len(seq.block_table) * self.page_size)
+        src = self.block_table(seq)
+        dst = self.block_table(child)
+        for kv in self.kv.values():
+            ref.copy_pages(kv, src, dst)
+        child.lengths = dict(seq.lengths)
+        return child
+
+    # -- keys/values ----------------------------------------------------------------------
+    def write(self, model: str, layer: int, seq: Sequence, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys/values k, v [T, H, D] of positions [start, start + T) for one layer.
+
+        Pages must already be reserved; the model's length is advanced by ``advance``.
+        """
+        T = k.shape[0]
+        slots = ref.slots_for(self.block_table(seq), start, start + T, self.page_size)  # [T]
+        ref.write_kv(self.kv[model], layer, k, v, slots)
+
+    def gather(self, model: str, layer: int, seq: Sequence, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of positions [0, length) of one layer: k, v [length, H, D]."""
+        return ref.gather_kv(self.kv[model], layer, self.block_table(seq), length)
+
+    def advance(self, model: str, seq: Sequence, length: int) -> None:
+        """Record that `model` has written positions [0, length) of the sequence."""
+        if length > len(seq.block_table) * self.page_size:
+            raise ValueError("advance past the reserved pages")
+        seq.lengths[model] = length

@@ -1,0 +1,36 @@
+"""The Verifier protocol: one forward pass scores the last committed token plus a block."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from hybrid.pages import PagePool, Sequence
+
+
+@dataclass
+class VerifyOutput:
+    logits: torch.Tensor  # [B+1, V] float32: row i predicts the token after input position i
+    hidden: torch.Tensor | None  # [B+1, n_layers * H] hidden states of the captured layers, or None
+
+
+class Verifier(Protocol):
+    name: str
+    vocab_size: int
+    max_context: int
+    eos_token_ids: set[int]
+    tokenizer: object
+    pool: PagePool | None
+
+    def attach(self, pool: PagePool) -> None:
+        """Register this model's KV cache with the shared page pool."""
+
+    def prefill(self, seq: Sequence, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Write keys/values of context tokens [T]; returns captured hidden states [T, n*H] or None."""
+
+    def score(self, seq: Sequence, tokens: torch.Tensor) -> VerifyOutput:
+        """Score tokens [B+1] = [last committed token, d_1..d_B] in one forward pass."""
+
+    def rollback(self, seq: Sequence, n: int) -> int:
+        """Truncate the sequence to n tokens; returns the number removed."""
