@@ -1,0 +1,198 @@
+"""The public API: load a verifier (+ drafter), generate text with streaming, report figures."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+from hybrid.acceptance import SamplingParams
+from hybrid.errors import UserError
+from hybrid.loop import LoopConfig, Round, speculative_decode
+from hybrid.pages import PagePool
+from hybrid.verifiers.hf import HFVerifier
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    block_size: int = 8
+    steps: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_on_eos: bool = True
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only
+    new_tokens: int
+    rounds: int
+    acceptance_lengths: list[int]  # committed tokens per round (accepted + 1)
+    mean_acceptance_length: float
+    accepted_per_position: list[float]  # share of rounds whose draft position i was accepted
+    block_sizes: dict[int, int]  # histogram: block size -> rounds
+    steps: dict[int, int]  # histogram: denoising steps -> rounds
+    tokens_per_s: float
+    wall_s: float
+    ttft_s: float
+    draft_s: float
+    verify_s: float
+    finish_reason: str
+    prompt_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    text: str  # newly committed text (may be "" while a stop string is undecided)
+    tokens: list[int]
+    round: Round
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: emits text that can no longer be cut."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # text emitted so far
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids.extend(ids)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            i = full.find(s, max(0, len(self.text) - len(s)))
+            if i >= 0:
+                full, self.stopped, final = full[:i], True, True
+        if not final:
+            if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                full = full.rstrip("\ufffd")
+            full = full[: max(len(self.text), len(full) - self.hold)]
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+
+class Engine:
+    """A verifier, an optional drafter and the page pool they share."""
+
+    def __init__(self, verifier: HFVerifier, drafter=None, num_pages: int | None = None, page_size: int = 16):
+        self.verifier, self.drafter = verifier, drafter
+        if num_pages is None:
+            num_pages = -(-(min(verifier.max_context, 8192) + 64) // page_size)
+        self.pool = PagePool(num_pages, page_size, verifier.device)
+        verifier.attach(self.pool)
+        if drafter is not None:
+            drafter.attach(self.pool, verifier)
+            verifier.set_capture_layers(drafter.capture_layers)
+
+    @classmethod
+    def load(cls, verifier: str, drafter: str = "none", dtype="auto", device: str = "cpu", **kw) -> "Engine":
+        from hybrid.drafters import load_drafter
+
+        v = HFVerifier.from_pretrained(verifier, dtype, device)
+        return cls(v, load_drafter(drafter, v, dtype, device), **kw)
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip() and not chat:
+                raise UserError("empty prompt: give at least one token of text")
+            return self.verifier.encode(prompt, chat)
+        return list(prompt)
+
+    def check(self, cfg: GenerationConfig) -> None:
+        if cfg.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        if cfg.block_size < 1:
+            raise UserError(f"block size must be >= 1, got {cfg.block_size}")
+        if self.drafter is not None and cfg.block_size > self.drafter.max_block_size:
+            raise UserError(
+                f"block size {cfg.block_size} is above the drafter's maximum of {self.drafter.max_block_size}: "
+                f"use --block-size {self.drafter.max_block_size} or less"
+            )
+        if cfg.steps < 1:
+            raise UserError(f"steps must be >= 1, got {cfg.steps}")
+        if self.drafter is not None and cfg.steps > max(self.drafter.max_steps, cfg.block_size):
+            raise UserError(f"steps must be at most the block size ({cfg.block_size}), got {cfg.steps}")
+
+    def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
+               schedule=None) -> Iterator[StreamEvent]:
+        """Yield committed text as each round commits it."""
+        self.check(cfg)
+        ids = self.encode(prompt, chat)
+        text = TextStream(self.verifier.tokenizer, cfg.stop)
+        loop_cfg = LoopConfig(cfg.max_new_tokens, cfg.block_size, cfg.steps, cfg.stop_on_eos)
+        rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(), schedule)
+        try:
+            for r in rounds:
+                delta = text.push(r.tokens, final=r.finish_reason is not None)
+                if text.stopped:
+                    r.finish_reason = "stop"
+                yield StreamEvent(delta, r.tokens, r)
+                if text.stopped:
+                    return
+        finally:
+            rounds.close()  # frees the sequence's pages, also when the consumer stops early
+
+    def generate(self, prompt: str | list[int], cfg: GenerationConfig | None = None, chat: bool = False,
+                 on_text=None, schedule=None) -> GenerationResult:
+        cfg = cfg or GenerationConfig()
+        t0 = time.perf_counter()
+        prompt_ids = self.encode(prompt, chat)
+        ids: list[int] = []
+        text, rounds = "", []
+        ttft = None
+        finish = "length"
+        for ev in self.stream(prompt_ids, cfg, schedule=schedule):
+            ids += ev.tokens
+            text += ev.text
+            if on_text and ev.text:
+                on_text(ev.text)
+            if ev.tokens and ttft is None:
+                ttft = time.perf_counter() - t0
+            if ev.round.block_size or ev.round.tokens:
+                rounds.append(ev.round)
+            finish = ev.round.finish_reason or finish
+        wall = time.perf_counter() - t0
+        return summarize(text, ids, rounds, wall, ttft or wall, finish, len(prompt_ids))
+
+
+def summarize(text, ids, rounds: list[Round], wall, ttft, finish, prompt_tokens) -> GenerationResult:
+    tau = [len(r.tokens) for r in rounds]
+    max_b = max((r.block_size for r in rounds), default=0)
+    per_pos = []
+    for i in range(max_b):
+        drafted = [r for r in rounds if r.block_size > i]
+        per_pos.append(sum(r.accepted > i for r in drafted) / len(drafted) if drafted else 0.0)
+    return GenerationResult(
+        text=text,
+        token_ids=ids,
+        new_tokens=len(ids),
+        rounds=len(rounds),
+        acceptance_lengths=tau,
+        mean_acceptance_length=sum(tau) / len(tau) if tau else 0.0,
+        accepted_per_position=per_pos,
+        block_sizes=dict(sorted(Counter(r.block_size for r in rounds).items())),
+        steps=dict(sorted(Counter(r.steps for r in rounds).items())),
+        tokens_per_s=len(ids) / wall if wall > 0 else 0.0,
+        wall_s=wall,
+        ttft_s=ttft,
+        draft_s=sum(r.draft_s for r in rounds),
+        verify_s=sum(r.verify_s for r in rounds),
+        finish_reason=finish,
+        prompt_tokens=prompt_tokens,
+    )
