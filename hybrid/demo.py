@@ -209,16 +209,31 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Load ``gguf`` with transformers (dequantizing it) and save a bfloat16 HF folder to ``out_dir``.
 
     Writes config.json, generation_config.json, model.safetensors and the tokenizer files,
-    with the chat template from the GGUF metadata.
+    with the chat template from the GGUF metadata. ``from_pretrained(gguf_file=...)`` would
+    need ``accelerate`` only to create the empty model; we dequantize with transformers' own
+    GGUF loader and hand the tensors to ``from_pretrained(state_dict=...)`` instead.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = Path(gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tok.chat_template:
         tok.chat_template = _gguf_chat_template(gguf)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    if not tok.chat_template:
+        raise UserError(f"{gguf.name} has no chat template; delete it and retry")
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.model_max_length = config.max_position_embeddings  # the GGUF leaves it unset (1e30)
+    with torch.device("meta"):  # only to map GGUF tensor names to parameter names
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton,
+                                   torch_dtype=torch.bfloat16)["tensors"]
+    model = type(skeleton).from_pretrained(None, config=config, state_dict=tensors, dtype=torch.bfloat16)
+    # Stop at <|im_end|> (chat) and at <|endoftext|> (plain completion), as upstream does;
+    # upstream's sampling defaults are left out so that generate() stays greedy by default.
+    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model.generation_config.eos_token_id = [i for i in eos if i is not None and i >= 0]
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
 

@@ -114,20 +114,24 @@ class Engine:
             return self.verifier.encode(prompt, chat)
         return list(prompt)
 
-    def check(self, cfg: GenerationConfig) -> None:
+    @staticmethod
+    def check_basic(cfg: GenerationConfig) -> None:
+        """Checks that need no model."""
         if cfg.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
         if cfg.block_size < 1:
             raise UserError(f"block size must be >= 1, got {cfg.block_size}")
+        if cfg.steps < 1:
+            raise UserError(f"steps must be >= 1, got {cfg.steps}")
+        cfg.sampling()
+
+    def check(self, cfg: GenerationConfig) -> None:
+        self.check_basic(cfg)
         if self.drafter is not None and cfg.block_size > self.drafter.max_block_size:
             raise UserError(
                 f"block size {cfg.block_size} is above the drafter's maximum of {self.drafter.max_block_size}: "
                 f"use --block-size {self.drafter.max_block_size} or less"
             )
-        if cfg.steps < 1:
-            raise UserError(f"steps must be >= 1, got {cfg.steps}")
-        if self.drafter is not None and cfg.steps > max(self.drafter.max_steps, cfg.block_size):
-            raise UserError(f"steps must be at most the block size ({cfg.block_size}), got {cfg.steps}")
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
                schedule=None) -> Iterator[StreamEvent]:

@@ -1,0 +1,103 @@
+"""The `hybrid` command line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hybrid.errors import UserError
+
+DEFAULT_VERIFIER = "demo:1.5b"
+
+
+def _dtype_option(f):
+    return click.option(
+        "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+        help="Weights and KV dtype (auto: the checkpoint's; bfloat16 for half checkpoints on CPU).",
+    )(f)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """hybrid: lossless speculative decoding with a block-diffusion drafter."""
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
+@click.option("--drafter", default="ngram", show_default=True, help="none, ngram, a block-diffusion drafter folder, or a causal LM.")
+@click.option("--block-size", type=int, default=8, show_default=True, help="Draft tokens per round.")
+@click.option("--steps", type=int, default=1, show_default=True, help="Denoising steps per draft.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 turns it off.")
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat/--no-chat", default=False, show_default=True, help="Apply the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--num-pages", type=int, default=None, help="KV page budget (default: one full context window).")
+@click.option("--page-size", type=int, default=16, show_default=True)
+@_dtype_option
+def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, temperature, top_p, top_k, seed, stop,
+             chat, as_json, device, num_pages, page_size, dtype):
+    """Generate a continuation of PROMPT, streaming text as the verifier commits it."""
+    from hybrid.engine import Engine, GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop))
+    cfg.sampling()  # validate what needs no model before loading models
+    Engine.check_basic(cfg)
+    if not prompt.strip():
+        raise UserError("empty prompt: give at least one token of text")
+    _quiet_transformers()
+    engine = Engine.load(verifier, drafter, _torch_dtype(dtype), device, num_pages=num_pages, page_size=page_size)
+
+    def show(text):
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    result = engine.generate(prompt, cfg, chat=chat, on_text=show)
+    click.echo()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        click.echo(
+            f"[{result.new_tokens} tokens, {result.tokens_per_s:.2f} tok/s, mean acceptance length "
+            f"{result.mean_acceptance_length:.2f} over {result.rounds} rounds, {result.finish_reason}]",
+            err=True,
+        )
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="hybrid", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

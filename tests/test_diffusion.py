@@ -1,0 +1,85 @@
+"""The block-diffusion drafter: vLLM-compatible folder, denoising schedule, vocabulary check."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_verifier
+from hybrid.drafters.base import Context
+from hybrid.drafters.diffusion import DiffusionDrafter, unmask_schedule
+from hybrid.errors import UserError
+from hybrid.pages import PagePool
+
+
+def drafter_for(v, **kw):
+    torch.manual_seed(0)
+    return DiffusionDrafter.for_verifier(v, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, intermediate_size=64, block_size=8, **kw)
+
+
+def test_unmask_schedule():
+    assert unmask_schedule(8, 1) == [8]
+    assert unmask_schedule(8, 3) == [3, 3, 2]
+    assert unmask_schedule(2, 5) == [1, 1]
+
+
+def test_saved_folder_is_a_vllm_dflash_checkpoint_and_reloads(tmp_path):
+    v = make_verifier("qwen3")
+    d = drafter_for(v)
+    d.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["model_type"] == "qwen3"
+    assert cfg["dflash_config"]["mask_token_id"] == d.config.mask_token_id
+    assert cfg["dflash_config"]["target_layer_ids"] == sorted(d.config.target_layer_ids)
+    assert cfg["vocab_size"] == v.vocab_size and cfg["hidden_size"] == v.hidden_size and "n_predict" not in cfg
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "fc.weight" in names and "layers.1.self_attn.k_norm.weight" in names
+    assert not any(n.startswith("model.") or "embed_tokens" in n or "lm_head" in n for n in names)
+    d2 = DiffusionDrafter.load(tmp_path, v)
+    for (k, a), (_, b) in zip(d.model.state_dict().items(), d2.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_refuses_a_verifier_with_another_vocabulary(tmp_path):
+    drafter_for(make_verifier("qwen3")).save(tmp_path)
+    with pytest.raises(UserError, match="different vocabularies"):
+        DiffusionDrafter.load(tmp_path, make_verifier("qwen3", vocab=130))
+
+
+def run_draft(v, d, tokens, block_size, steps):
+    pool = PagePool(16, 4)
+    v.attach(pool)
+    d.attach(pool, v)
+    v.set_capture_layers(d.capture_layers)
+    seq = pool.new_sequence()
+    ctx = Context(tokens, seq)
+    d.observe(ctx, v.prefill(seq, torch.tensor(tokens[:-1])), 0)
+    from hybrid.acceptance import SamplingParams
+
+    return d.propose(ctx, block_size, steps, (SamplingParams(), None))
+
+
+def test_one_step_draft_equals_a_direct_full_block_forward():
+    """T=1 through the pages == the DFlash function computed directly from the verifier's hidden states."""
+    v = make_verifier("qwen3")
+    d = drafter_for(v)
+    tokens = [5, 9, 14, 20, 33, 7, 8]
+    draft = run_draft(v, d, tokens, 6, 1)
+    with torch.no_grad():
+        hs = v.model(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+        h = torch.cat([hs[i + 1][0] for i in d.capture_layers], -1)  # outputs of the chosen layers
+        feats = d.model.context(h)
+        ctx_kv = d.model.context_kv(feats, torch.arange(len(tokens) - 1))
+        ids = torch.tensor([tokens[-1]] + [d.config.mask_token_id] * 6)
+        out = d.model(v.model.get_input_embeddings()(ids), torch.arange(len(tokens) - 1, len(tokens) + 6), ctx_kv)
+        expected = v.head(out[1:]).argmax(-1)
+    assert draft.tokens.tolist() == expected.tolist()
+
+
+def test_multi_step_commits_confident_positions_and_fills_the_block():
+    v = make_verifier("qwen3")
+    d = drafter_for(v)
+    for steps in (1, 2, 4, 8):
+        draft = run_draft(v, d, [5, 9, 14, 20], 8, steps)
+        assert draft.tokens.shape == (8,) and d.config.mask_token_id not in draft.tokens.tolist()

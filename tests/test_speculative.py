@@ -1,0 +1,169 @@
+"""The loop: greedy speculative output == plain greedy output, for every drafter and block size."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import hybrid.loop as loop_mod
+from conftest import greedy_reference, make_verifier
+from hybrid.acceptance import Acceptance, accept_sampling, warp, SamplingParams
+from hybrid.drafters.causal import CausalDrafter
+from hybrid.drafters.diffusion import DiffusionDrafter
+from hybrid.drafters.ngram import NgramDrafter
+from hybrid.engine import Engine, GenerationConfig
+
+PROMPT = [5, 40, 41, 42, 9, 40, 41, 42, 9, 40]  # repeats, so the n-gram drafter finds matches
+N = 40
+
+
+def small_diffusion(v, **kw):
+    torch.manual_seed(1)
+    return DiffusionDrafter.for_verifier(
+        v, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64, **kw
+    )
+
+
+DRAFTERS = {
+    "none": lambda v: None,
+    "ngram": lambda v: NgramDrafter(),
+    "causal-other": lambda v: CausalDrafter(make_verifier(v.config.model_type, seed=7)),
+    "causal-same": lambda v: CausalDrafter(make_verifier(v.config.model_type, seed=0)),
+    "diffusion": small_diffusion,
+}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("drafter", list(DRAFTERS))
+def test_greedy_output_equals_plain_greedy(family, drafter):
+    v = make_verifier(family)
+    ref = greedy_reference(v, PROMPT, N)
+    engine = Engine(v, DRAFTERS[drafter](v), num_pages=16, page_size=8)
+    for block_size in (1, 4, 16):
+        for steps in ((1, 3) if drafter == "diffusion" else (1,)):
+            cfg = GenerationConfig(max_new_tokens=N, block_size=block_size, steps=steps, stop_on_eos=False)
+            r = engine.generate(PROMPT, cfg)
+            assert r.token_ids == ref, (drafter, block_size, steps)
+            assert r.new_tokens == N and sum(r.acceptance_lengths) == N
+            assert engine.pool.free_pages == engine.pool.num_pages  # everything freed
+
+
+def test_drafter_equal_to_verifier_accepts_every_token():
+    v = make_verifier("qwen3")
+    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
+    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=40, block_size=4, stop_on_eos=False))
+    assert r.acceptance_lengths == [5] * 8
+    assert r.accepted_per_position == [1.0] * 4
+
+
+def test_ngram_drafter_accepts_on_repetitive_text():
+    v = make_verifier("qwen3")
+    assert NgramDrafter().lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
+    assert NgramDrafter().lookup([1, 2, 3], 3) == []
+
+
+def test_eos_stops_generation_and_is_included():
+    v = make_verifier("qwen3")
+    ref = greedy_reference(v, PROMPT, N)
+    v.eos_token_ids = {ref[5]}
+    first = ref.index(ref[5])
+    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
+    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, block_size=4))
+    assert r.token_ids == ref[: first + 1] and r.finish_reason == "eos"
+
+
+def test_max_new_tokens_is_exact_with_large_blocks():
+    v = make_verifier("qwen3")
+    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
+    for n in (1, 2, 7):
+        r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=n, block_size=16, stop_on_eos=False))
+        assert r.new_tokens == n and r.finish_reason == "length"
+
+
+def test_context_window_ends_generation_with_length():
+    v = make_verifier("qwen3", max_position_embeddings=20)
+    engine = Engine(v, NgramDrafter(), num_pages=16, page_size=8)
+    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=50, block_size=4, stop_on_eos=False))
+    assert r.new_tokens == 10 and r.finish_reason == "length"
+
+
+def test_stop_strings_cut_text_and_stream_matches_final_text(tok):
+    v = make_verifier("qwen3")
+    engine = Engine(v, NgramDrafter(), num_pages=16, page_size=8)
+    full = engine.generate("abc", GenerationConfig(max_new_tokens=30, stop_on_eos=False))
+    stop = full.text[10:12]
+    streamed = []
+    r = engine.generate("abc", GenerationConfig(max_new_tokens=30, stop=[stop], stop_on_eos=False), on_text=streamed.append)
+    assert r.text == full.text[: full.text.index(stop)] and r.finish_reason == "stop"
+    assert "".join(streamed) == r.text
+
+
+def test_same_seed_reproduces_sampled_output():
+    v = make_verifier("qwen3")
+    engine = Engine(v, small_diffusion(v), num_pages=16, page_size=8)
+    cfg = GenerationConfig(max_new_tokens=30, block_size=4, temperature=0.9, top_p=0.95, seed=3, stop_on_eos=False)
+    a, b = engine.generate(PROMPT, cfg), engine.generate(PROMPT, cfg)
+    c = engine.generate(PROMPT, GenerationConfig(**{**cfg.__dict__, "seed": 4}))
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+# -- sampling end to end: the distribution of the first two tokens matches the verifier's ----------
+V_SMALL = 6
+SAMPLES = 1000
+
+
+def exact_two_token_distribution(v, prompt, temperature):
+    """p(t1, t2 | prompt) computed from the verifier alone -> [V, V]."""
+    model = v.model
+    with torch.no_grad():
+        p1 = warp(model(torch.tensor([prompt])).logits[0, -1:], SamplingParams(temperature))[0]
+        inputs = torch.tensor([prompt + [t] for t in range(V_SMALL)])
+        p2 = warp(model(inputs).logits[:, -1], SamplingParams(temperature))
+    return (p1[:, None] * p2).double().numpy()
+
+
+def two_token_counts(engine, drafter_block, temperature):
+    counts = np.zeros((V_SMALL, V_SMALL))
+    for seed in range(SAMPLES):
+        cfg = GenerationConfig(max_new_tokens=2, block_size=drafter_block, temperature=temperature, seed=seed,
+                               stop_on_eos=False)
+        t = engine.generate([1, 3, 4], cfg).token_ids
+        counts[t[0], t[1]] += 1
+    return counts
+
+
+def pvalue(counts, probs):
+    exp = probs.ravel() / probs.sum() * counts.sum()
+    obs = counts.ravel()
+    big = exp >= 5  # pool the rare cells
+    return chisquare(np.append(obs[big], obs[~big].sum()), np.append(exp[big], exp[~big].sum())).pvalue
+
+
+def tiny_vocab(seed):
+    return make_verifier("qwen3", seed=seed, vocab=V_SMALL, hidden=32, layers=2)
+
+
+@pytest.fixture(scope="module")
+def sampling_setup():
+    v = tiny_vocab(0)
+    v.eos_token_ids = set()
+    # a deliberately poor drafter: another random model, sampling from its own q
+    engine = Engine(v, CausalDrafter(tiny_vocab(11)), num_pages=8, page_size=4)
+    return v, engine, exact_two_token_distribution(v, [1, 3, 4], 1.0)
+
+
+def test_sampling_matches_verifier_distribution(sampling_setup):
+    v, engine, probs = sampling_setup
+    assert pvalue(two_token_counts(engine, 2, 1.0), probs) > 1e-3
+
+
+def test_sampling_check_detects_biased_acceptance(sampling_setup, monkeypatch):
+    v, engine, probs = sampling_setup
+
+    def biased(draft, q, logits, params, generator):  # accept every draft token: the drafter's distribution leaks
+        if params.greedy or draft.numel() == 0:
+            return loop_mod.accept.__wrapped__(draft, q, logits, params, generator)
+        return Acceptance(draft.numel(), int(torch.multinomial(warp(logits, params)[-1], 1, generator=generator)))
+
+    biased.__wrapped__ = loop_mod.accept
+    monkeypatch.setattr(loop_mod, "accept", biased)
+    assert pvalue(two_token_counts(engine, 2, 1.0), probs) < 1e-6
