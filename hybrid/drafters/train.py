@@ -1,0 +1,401 @@
+"""Distil a block-diffusion drafter from its verifier (`hybrid train-drafter`).
+
+Data. Corpus text is cut into chunks of `seq_len` tokens and run through the verifier once
+(teacher forcing). Per position i we keep the hidden states of the drafter's target layers
+``h[i]`` and the verifier's own greedy prediction ``t[i+1] = argmax p(. | x_<=i)``; features are
+cached on disk so a resumed run does not recompute them.
+
+Targets are the verifier's predictions, not the corpus: the drafter learns what *this* verifier
+will say. For a block anchored at position a (block = [x_a, mask x B] at positions a..a+B,
+context = positions < a), the target of block row k is t[a+k]. It equals the verifier's greedy
+continuation exactly while the corpus agrees with the verifier (x[a+j] == t[a+j] for 0 < j < k);
+past the first disagreement it is an approximation and is weighted down (`off_policy_weight`).
+Rows are also weighted by w_k = exp(-(k-1)/gamma) (DFlash's recipe; gamma = 7).
+
+Denoising. Half the blocks are all masks (the one-step draft); in the other half a random share of
+rows is filled with their targets and the loss covers the rows still masked, so later denoising
+steps learn to use committed tokens.
+
+Many anchors per chunk are trained at once: every block attends to the chunk's context keys
+before its anchor and to its own rows (one boolean mask), like DFlash's training.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hybrid.drafters.diffusion import DiffusionDrafter
+from hybrid.errors import UserError
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".gz", ""}
+
+
+@dataclass
+class TrainConfig:
+    verifier: str
+    corpus: list[str]
+    out: str
+    block_size: int = 16
+    seq_len: int = 512
+    max_chunks: int = 256  # corpus chunks to featurise (seq_len tokens each)
+    holdout_chunks: int = 8
+    anchors: int = 32  # blocks per chunk per step
+    steps: int = 1000
+    lr: float = 6e-4
+    warmup: int = 50
+    weight_decay: float = 0.01
+    gamma: float = 7.0
+    off_policy_weight: float = 0.3
+    partial_mask_share: float = 0.5
+    chat_share: float = 0.5  # share of corpus files framed as a chat answer
+    seed: int = 0
+    checkpoint_every: int = 100
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    intermediate_size: int = 3584
+    target_layer_ids: list[int] | None = None
+    max_steps: int = 4
+    dtype: str = "bfloat16"  # verifier and autocast dtype
+    eval_prompts: int = 4
+    eval_tokens: int = 48
+    extra: dict = field(default_factory=dict)
+
+
+# -- corpus ---------------------------------------------------------------------------------
+def iter_corpus_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise UserError(f"corpus not found: {p} (give files or folders of text)")
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES - {""})
+        else:
+            files.append(path)
+    if not files:
+        raise UserError(f"no text files in corpus {paths} (.py, .txt, .md, .rst, .jsonl, .gz)")
+    return files
+
+
+def read_text(path: Path) -> str:
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    text = raw.decode("utf-8", errors="ignore")
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        parts = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                parts.append("".join(str(rec[k]) for k in ("prompt", "canonical_solution", "text", "completion") if k in rec))
+        text = "\n\n".join(parts)
+    return text
+
+
+def chat_prefix(tokenizer, name: str) -> list[int]:
+    """Tokens that open an assistant answer writing the file `name` (empty without a chat template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    lang = "python" if name.endswith(".py") else ""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Write the file {name}."}],
+                                        add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids) + tokenizer(f"```{lang}\n", add_special_tokens=False)["input_ids"]
+
+
+def corpus_chunks(files: list[Path], tokenizer, seq_len: int, max_chunks: int, seed: int,
+                  chat_share: float = 0.0) -> list[list[int]]:
+    """Token chunks of seq_len from a shuffled file order, at most max_chunks. A share of the files
+    is framed as the assistant's answer in the verifier's chat format (every chunk of such a file
+    starts with that frame), so the drafter also sees the verifier in its chat-answer state."""
+    rng = random.Random(seed)
+    files = list(files)
+    rng.shuffle(files)
+    chunks = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    plain: list[int] = []
+    for f in files:
+        text = read_text(f)
+        if not text.strip():
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prefix = chat_prefix(tokenizer, f.name) if rng.random() < chat_share else []
+        if prefix and len(prefix) < seq_len // 2:
+            body = seq_len - len(prefix)
+            for i in range(0, len(ids) - body // 2, body):
+                piece = ids[i : i + body]
+                if len(piece) == body:
+                    chunks.append(prefix + piece)
+        else:
+            plain += ids + eos
+            while len(plain) >= seq_len:
+                chunks.append(plain[:seq_len])
+                plain = plain[seq_len:]
+        if len(chunks) >= max_chunks:
+            return chunks[:max_chunks]
+    if not chunks:
+        raise UserError(f"corpus too small: fewer than {seq_len} tokens (lower --seq-len or add text)")
+    return chunks
+
+
+# -- features -------------------------------------------------------------------------------
+@torch.inference_mode()
+def featurise(verifier, layer_ids: list[int], chunk: list[int]) -> dict:
+    """One verifier pass over a chunk -> hidden [S, L*Ht] of the target layers, greedy predictions [S]."""
+    model = verifier.model
+    captured = {}
+    hooks = [
+        verifier.body.layers[i].register_forward_hook(
+            lambda m, a, o, i=i: captured.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i in layer_ids
+    ]
+    try:
+        out = verifier.body(input_ids=torch.tensor([chunk], device=verifier.device), use_cache=False)
+        pred = verifier.head(out.last_hidden_state[0]).argmax(-1)  # [S]: t[i+1]
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden = torch.cat([captured[i][0] for i in sorted(layer_ids)], -1)  # [S, L*Ht]
+    return {"tokens": torch.tensor(chunk), "hidden": hidden.to(torch.bfloat16).cpu(), "pred": pred.cpu()}
+
+
+def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chunks: list[list[int]], progress=True):
+    cache = Path(cfg.out) / "features"
+    cache.mkdir(parents=True, exist_ok=True)
+    feats = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(chunks), desc="verifier features", unit="chunk", disable=not progress)
+    t0, done_tokens = time.perf_counter(), 0
+    for i, chunk in enumerate(chunks):
+        f = cache / f"{i:05d}.pt"
+        if f.exists():
+            feats.append(torch.load(f))
+        else:
+            d = featurise(verifier, layer_ids, chunk)
+            torch.save(d, f)
+            feats.append(d)
+            done_tokens += len(chunk)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    return feats
+
+
+# -- batches --------------------------------------------------------------------------------
+def make_batch(feat: dict, cfg: TrainConfig, mask_id: int, g: torch.Generator):
+    """Anchors for one chunk -> block ids [nb, B+1], positions [nb, B+1], targets [nb, B], weights [nb, B],
+    loss mask [nb, B], anchors [nb]."""
+    x, t = feat["tokens"], feat["pred"]  # x [S]; t[i] predicts x[i+1]
+    S, B = x.shape[0], cfg.block_size
+    nb = cfg.anchors
+    anchors = torch.randint(1, S - B, (nb,), generator=g)  # context >= 1 position
+    k = torch.arange(1, B + 1)  # [B]
+    tgt = t[anchors[:, None] + k[None] - 1]  # [nb, B]: verifier's prediction of position a+k
+    agree = (x[anchors[:, None] + k[None]] == tgt)  # corpus token == verifier's prediction
+    # row k is on-policy while rows < k agree (the verifier's greedy continuation is then known)
+    on_policy = torch.cat([torch.ones(nb, 1, dtype=torch.bool), agree[:, :-1].cumprod(1).bool()], 1)
+    w = torch.exp(-(k - 1).float() / cfg.gamma)[None].expand(nb, B).clone()
+    w = torch.where(on_policy, w, w * cfg.off_policy_weight)
+    ids = torch.full((nb, B + 1), mask_id, dtype=torch.long)
+    ids[:, 0] = x[anchors]
+    masked = torch.ones(nb, B, dtype=torch.bool)
+    partial = torch.rand(nb, generator=g) < cfg.partial_mask_share
+    ratio = torch.rand(nb, 1, generator=g)  # share of rows revealed in a partial block
+    reveal = (torch.rand(nb, B, generator=g) < ratio) & partial[:, None]
+    reveal &= ~reveal.all(1, keepdim=True)  # keep at least one masked row
+    ids[:, 1:] = torch.where(reveal, tgt, ids[:, 1:])
+    masked &= ~reveal
+    positions = anchors[:, None] + torch.arange(B + 1)[None]  # [nb, B+1]
+    return ids, positions, tgt, w, masked, anchors
+
+
+def block_attention_mask(anchors: torch.Tensor, S: int, B: int) -> torch.Tensor:
+    """[nb, 1, B+1, S + B+1] bool: a block sees context positions < its anchor and all its own rows."""
+    ctx_ok = torch.arange(S)[None] < anchors[:, None]  # [nb, S]
+    own = torch.ones(anchors.shape[0], B + 1, dtype=torch.bool)
+    return torch.cat([ctx_ok, own], 1)[:, None, None, :].expand(-1, 1, B + 1, -1)
+
+
+def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int):
+    """Weighted cross-entropy of the masked rows; returns (loss, accuracy of masked rows)."""
+    ids, positions, tgt, w, masked, anchors = batch
+    model = drafter.model
+    S = feat["hidden"].shape[0]
+    ctx_feats = model.context(feat["hidden"].to(model.fc.weight.dtype))  # [S, H]
+    ctx_kv = [(k[None], v[None]) for k, v in model.context_kv(ctx_feats, torch.arange(S))]  # [1, S, h, d]
+    ctx_kv = [(k.expand(ids.shape[0], -1, -1, -1), v.expand(ids.shape[0], -1, -1, -1)) for k, v in ctx_kv]
+    h = model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))  # [nb, B+1, H]
+    rows = h[:, 1:][masked]  # [m, H]
+    logits = head(rows).float()  # [m, V]
+    ce = F.cross_entropy(logits, tgt[masked], reduction="none")
+    ww = w[masked]
+    loss = (ce * ww).sum() / ww.sum()
+    acc = (logits.argmax(-1) == tgt[masked]).float().mean()
+    return loss, acc
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(drafter, embed, head, feats, cfg: TrainConfig, g: torch.Generator) -> float:
+    """Mean acceptance length of one-step drafts on held-out chunks, counted while the verifier's
+    greedy continuation is known (a lower bound on the real figure)."""
+    taus = []
+    B = cfg.block_size
+    for feat in feats:
+        ids, positions, tgt, w, masked, anchors = make_batch(feat, TrainConfig(**{**asdict(cfg), "partial_mask_share": 0.0}),
+                                                             drafter.config.mask_token_id, g)
+        S = feat["hidden"].shape[0]
+        model = drafter.model
+        ctx_feats = model.context(feat["hidden"].to(model.fc.weight.dtype))
+        ctx_kv = [(k[None].expand(ids.shape[0], -1, -1, -1), v[None].expand(ids.shape[0], -1, -1, -1))
+                  for k, v in model.context_kv(ctx_feats, torch.arange(S))]
+        h = model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))
+        draft = head(h[:, 1:]).argmax(-1)  # [nb, B]
+        x = feat["tokens"]
+        k = torch.arange(1, B + 1)
+        agree = x[anchors[:, None] + k[None]] == tgt
+        known = torch.cat([torch.ones(len(anchors), 1, dtype=torch.bool), agree[:, :-1].cumprod(1).bool()], 1)
+        ok = ((draft == tgt) & known).int().cumprod(1).sum(1)  # accepted draft tokens
+        taus += (ok + 1).tolist()
+    return sum(taus) / len(taus)
+
+
+# -- the training run -----------------------------------------------------------------------
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from hybrid.verifiers.hf import HFVerifier
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, cfg.dtype)
+    verifier = HFVerifier.from_pretrained(cfg.verifier, dtype)
+    for p in verifier.model.parameters():
+        p.requires_grad_(False)
+    files = iter_corpus_files(cfg.corpus)
+
+    drafter = DiffusionDrafter.for_verifier(
+        verifier,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        block_size=cfg.block_size,
+        max_steps=cfg.max_steps,
+        target_layer_ids=cfg.target_layer_ids,
+    )
+    drafter.config.verifier = cfg.verifier
+    drafter.model.float().train()
+    layer_ids = drafter.capture_layers
+
+    chunks = corpus_chunks(files, verifier.tokenizer, cfg.seq_len, cfg.max_chunks + cfg.holdout_chunks, cfg.seed,
+                           cfg.chat_share)
+    if len(chunks) <= cfg.holdout_chunks:
+        raise UserError(f"corpus gives only {len(chunks)} chunks of {cfg.seq_len} tokens: add text or lower --seq-len")
+    feats = load_or_build_features(cfg, verifier, layer_ids, chunks, progress)
+    holdout, train_feats = feats[: cfg.holdout_chunks], feats[cfg.holdout_chunks :]
+
+    opt = torch.optim.AdamW(drafter.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
+    g = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if cfg.extra.get("resume") and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        drafter.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+
+    embed, head = verifier.model.get_input_embeddings(), verifier.head
+    order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    bar = tqdm(range(start, cfg.steps), desc="train drafter", unit="step", disable=not progress, initial=start, total=cfg.steps)
+    t0, rows_done = time.perf_counter(), 0
+    loss_ema = None
+    history = []
+    for step in bar:
+        feat = train_feats[order[step % len(order)]]
+        batch = make_batch(feat, cfg, drafter.config.mask_token_id, g)
+        with torch.autocast("cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32):
+            loss, acc = block_logits_loss(drafter, embed, head, feat, batch, cfg.block_size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        rows_done += int(batch[4].sum())
+        loss_v = loss.item()
+        loss_ema = loss_v if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_v
+        bar.set_postfix(loss=f"{loss_ema:.3f}", acc=f"{float(acc):.2f}", rows_s=f"{rows_done / (time.perf_counter() - t0):.0f}")
+        history.append({"step": step + 1, "loss": loss_v, "acc": acc.item()})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(drafter, opt, sched, g, step + 1, cfg, out)
+        if step + 1 == cfg.extra.get("stop_after"):  # an interrupted run (tests)
+            return {"stopped_at": step + 1}
+    drafter.model.eval()
+    tau_tf = teacher_forced_acceptance(drafter, embed, head, holdout, cfg, torch.Generator().manual_seed(cfg.seed + 1))
+    report = {"steps": cfg.steps, "final_loss_ema": loss_ema, "heldout_teacher_forced_tau": tau_tf,
+              "train_chunks": len(train_feats), "seq_len": cfg.seq_len}
+    drafter.config.training = {**asdict(cfg), "report": report}
+    save_drafter(drafter, out, verifier.dtype)
+    (out / "history.jsonl").write_text("\n".join(json.dumps(h) for h in history))
+    return report
+
+
+def save_drafter(drafter: DiffusionDrafter, out: Path, dtype) -> None:
+    """The drafter folder (config.json + model.safetensors) in the verifier's dtype."""
+    model = drafter.model
+    was = next(model.parameters()).dtype
+    model.to(dtype)
+    drafter.save(out)
+    model.to(was)
+
+
+def save_checkpoint(drafter, opt, sched, g, step, cfg, out: Path) -> None:
+    state = {"model": drafter.model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": g.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "config": asdict(cfg)}
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "checkpoint.pt")
+    drafter.config.training = {**asdict(cfg), "step": step}
+    save_drafter(drafter, out, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+
+
+def evaluate_engine(cfg: TrainConfig) -> dict:
+    """Real acceptance: run the engine (greedy) on held-out corpus prompts with the trained drafter,
+    and check the output equals plain decoding."""
+    from hybrid.engine import Engine, GenerationConfig
+    from hybrid.verifiers.hf import HFVerifier
+
+    verifier = HFVerifier.from_pretrained(cfg.verifier, getattr(torch, cfg.dtype))
+    feats = [torch.load(Path(cfg.out) / "features" / f"{i:05d}.pt") for i in range(cfg.eval_prompts)]
+    prompts = [f["tokens"][: min(128, cfg.seq_len // 2)].tolist() for f in feats]
+    gen = GenerationConfig(max_new_tokens=cfg.eval_tokens, block_size=cfg.block_size, stop_on_eos=False)
+    plain = Engine(verifier, None)
+    ref = [plain.generate(p, gen).token_ids for p in prompts]
+    engine = Engine(verifier, DiffusionDrafter.load(cfg.out, verifier))
+    results = [engine.generate(p, gen) for p in prompts]
+    taus = [t for r in results for t in r.acceptance_lengths]
+    return {"mean_acceptance_length": sum(taus) / len(taus), "rounds": len(taus),
+            "identical": all(r.token_ids == t for r, t in zip(results, ref))}
