@@ -9,8 +9,9 @@ from typing import Iterator
 import torch
 
 from hybrid.acceptance import SamplingParams
+from hybrid.coordinator import Coordinator, CostModel
 from hybrid.errors import UserError
-from hybrid.loop import LoopConfig, Round, speculative_decode
+from hybrid.loop import FixedSchedule, LoopConfig, Round, speculative_decode
 from hybrid.pages import PagePool
 from hybrid.verifiers.hf import HFVerifier
 
@@ -18,8 +19,8 @@ from hybrid.verifiers.hf import HFVerifier
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
-    block_size: int = 8
-    steps: int = 1
+    block_size: int | str = "auto"  # "auto": the coordinator chooses per round
+    steps: int | str = "auto"  # "auto": the coordinator chooses (with block size auto), else 1
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -95,6 +96,7 @@ class Engine:
         if num_pages is None:
             num_pages = -(-(min(verifier.max_context, 8192) + 64) // page_size)
         self.pool = PagePool(num_pages, page_size, verifier.device)
+        self.costs = CostModel()  # draft/verify timings, shared by the coordinators of all requests
         verifier.attach(self.pool)
         if drafter is not None:
             drafter.attach(self.pool, verifier)
@@ -119,19 +121,26 @@ class Engine:
         """Checks that need no model."""
         if cfg.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-        if cfg.block_size < 1:
-            raise UserError(f"block size must be >= 1, got {cfg.block_size}")
-        if cfg.steps < 1:
-            raise UserError(f"steps must be >= 1, got {cfg.steps}")
+        for name, value in (("block size", cfg.block_size), ("steps", cfg.steps)):
+            if value != "auto" and (not isinstance(value, int) or value < 1):
+                raise UserError(f"{name} must be auto or an integer >= 1, got {value}")
         cfg.sampling()
 
     def check(self, cfg: GenerationConfig) -> None:
         self.check_basic(cfg)
-        if self.drafter is not None and cfg.block_size > self.drafter.max_block_size:
+        if self.drafter is not None and cfg.block_size != "auto" and cfg.block_size > self.drafter.max_block_size:
             raise UserError(
                 f"block size {cfg.block_size} is above the drafter's maximum of {self.drafter.max_block_size}: "
                 f"use --block-size {self.drafter.max_block_size} or less"
             )
+
+    def schedule(self, cfg: GenerationConfig):
+        """A fresh per-sequence coordinator for block size auto, else a fixed schedule."""
+        steps = 1 if cfg.steps == "auto" else cfg.steps
+        if cfg.block_size != "auto" or self.drafter is None:
+            return FixedSchedule(0 if cfg.block_size == "auto" else cfg.block_size, steps)
+        max_steps = self.drafter.max_steps if cfg.steps == "auto" else steps
+        return Coordinator(self.drafter.max_block_size, max_steps, costs=self.costs, seed=cfg.seed or 0)
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
                schedule=None) -> Iterator[StreamEvent]:
@@ -139,7 +148,10 @@ class Engine:
         self.check(cfg)
         ids = self.encode(prompt, chat)
         text = TextStream(self.verifier.tokenizer, cfg.stop)
-        loop_cfg = LoopConfig(cfg.max_new_tokens, cfg.block_size, cfg.steps, cfg.stop_on_eos)
+        schedule = schedule or self.schedule(cfg)
+        max_block = self.drafter.max_block_size if self.drafter is not None else 0
+        block = max_block if cfg.block_size == "auto" else cfg.block_size
+        loop_cfg = LoopConfig(cfg.max_new_tokens, block, 1 if cfg.steps == "auto" else cfg.steps, cfg.stop_on_eos)
         rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(), schedule)
         try:
             for r in rounds:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -39,6 +39,26 @@ class Round:
     finish_reason: str | None = None  # "eos", "length" or None (the caller decides "stop")
 
 
+class Schedule(Protocol):
+    """Chooses each round's (block size, steps) and hears how the round went (the coordinator)."""
+
+    def next(self, limit: int | None = None) -> tuple[int, int]: ...
+
+    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float) -> None: ...
+
+
+@dataclass
+class FixedSchedule:
+    block_size: int
+    steps: int = 1
+
+    def next(self, limit: int | None = None) -> tuple[int, int]:
+        return self.block_size, self.steps
+
+    def observe(self, *args) -> None:
+        pass
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -51,12 +71,12 @@ def speculative_decode(
     prompt: list[int],
     cfg: LoopConfig,
     params: SamplingParams,
-    schedule: Callable[[Context], tuple[int, int]] | None = None,
+    schedule: Schedule | None = None,
 ) -> Iterator[Round]:
     """Generate from `prompt`, yielding each round's committed tokens as soon as they are committed.
 
-    `drafter=None` is plain decoding (an empty draft every round). `schedule(ctx) -> (block size,
-    steps)` picks each round's block size (the coordinator); default: cfg.block_size, cfg.steps.
+    `drafter=None` is plain decoding (an empty draft every round). `schedule` (the coordinator)
+    picks each round's block size and steps and observes each round; default: cfg's fixed values.
     The caller may stop iterating at any point; the sequence's pages are freed either way.
     """
     if not prompt:
@@ -66,6 +86,7 @@ def speculative_decode(
             f"prompt of {len(prompt)} tokens does not fit the verifier's context window of "
             f"{verifier.max_context}: shorten the prompt"
         )
+    schedule = schedule or FixedSchedule(cfg.block_size, cfg.steps)
     generator = None
     if not params.greedy:
         generator = torch.Generator(device="cpu")
@@ -92,7 +113,7 @@ def speculative_decode(
             room = min(cfg.max_new_tokens - generated, verifier.max_context - n)
             if room <= 0:
                 return
-            block_size, steps = schedule(ctx) if schedule else (cfg.block_size, cfg.steps)
+            block_size, steps = schedule.next(limit=room - 1) if drafter is not None else (0, 0)
             block_size = max(0, min(block_size, room - 1))  # a round commits at most block_size + 1
 
             # 2. draft: propose a block after the last committed token
@@ -132,6 +153,9 @@ def speculative_decode(
                 assert removed == seq_len_before(n, draft) - kept, "rollback removed the wrong number of tokens"
             if drafter is not None and out.hidden is not None:
                 drafter.observe(ctx, out.hidden[: acc.accepted + 1], n - 1)
+
+            # 7. coordinate: the schedule hears what this round cost and how much it kept
+            schedule.observe(draft.size, steps, acc.accepted, t1 - t0, t2 - t1)
 
             yield Round(new, draft.size, steps if draft.size else 0, acc.accepted, t1 - t0, t2 - t1, finish)
             if finish is not None:

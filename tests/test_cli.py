@@ -49,7 +49,7 @@ def other_vocab_dir(tmp_path_factory):
     [
         (["", "--drafter", "none"], "empty prompt"),
         (["hi", "--temperature", "-1"], "temperature must be >= 0"),
-        (["hi", "--block-size", "0"], "block size must be >= 1"),
+        (["hi", "--block-size", "0"], "block size must be auto or an integer >= 1"),
         (["hi", "--top-p", "0"], "top_p"),
         (["hi", "--max-new-tokens", "0"], "max_new_tokens"),
         (["x" * 600], "does not fit the verifier's context window"),

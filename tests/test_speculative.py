@@ -32,8 +32,13 @@ DRAFTERS = {
 }
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "mistral"])
-@pytest.mark.parametrize("drafter", list(DRAFTERS))
+FAMILIES = ["qwen3", "qwen2", "llama", "mistral"]
+CASES = [(f, d) for f in FAMILIES for d in ("none", "diffusion")] + [
+    ("qwen3", d) for d in DRAFTERS if d not in ("none", "diffusion")
+] + [("llama", "causal-other")]
+
+
+@pytest.mark.parametrize("family, drafter", CASES)
 def test_greedy_output_equals_plain_greedy(family, drafter):
     v = make_verifier(family)
     ref = greedy_reference(v, PROMPT, N)
@@ -167,3 +172,12 @@ def test_sampling_check_detects_biased_acceptance(sampling_setup, monkeypatch):
     biased.__wrapped__ = loop_mod.accept
     monkeypatch.setattr(loop_mod, "accept", biased)
     assert pvalue(two_token_counts(engine, 2, 1.0), probs) < 1e-6
+
+
+def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
+    v = make_verifier("qwen3")
+    ref = greedy_reference(v, PROMPT, N)
+    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
+    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False))  # block size auto
+    assert r.token_ids == ref
+    assert sum(r.block_sizes.values()) == r.rounds and max(r.block_sizes) > 4  # perfect drafter: grows the block

@@ -1,0 +1,146 @@
+"""The coordinator: choose each round's block size B and denoising steps T per sequence.
+
+Model. Let alpha_i(T) be the probability that draft position i is accepted given positions < i
+were (per sequence, per step count T). A round with block size B commits
+    E[tau | B, T] = 1 + sum_{i=1..B} prod_{j<=i} alpha_j(T)
+tokens and costs c(B, T) = d(B, T) + v(B) seconds, with draft time d(B, T) = d0 + d1 * T * (B + 1)
+(T drafter passes over B + 1 rows) and verify time v(B) = v0 + v1 * B (one pass over B + 1 rows).
+The next (B, T) maximises E[tau | B, T] / c(B, T), the expected committed tokens per second.
+
+Estimation. alpha_i(T) is a Beta posterior over decayed counts: a round that accepted a of B draft
+tokens "reached" positions 1..min(a+1, B) and accepted positions 1..a. Counts decay by `decay` each
+round (memory of about 1 / (1 - decay) rounds), so a text that changes character (prose -> code) moves
+the estimate within tens of rounds. A position with few observations leans on its predecessor's
+estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the tail seen so far.
+Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
+properties of the machine, not of the text). With probability `explore` a round tries a random size,
+so no size starves forever.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CostModel:
+    """Decayed least-squares fits of draft and verify seconds; shared by all sequences of an engine."""
+
+    decay: float = 0.98
+    # sufficient statistics of y = a + b x: [n, sx, sxx, sy, sxy], seeded with a weak prior
+    draft: list[float] = field(default_factory=lambda: [0.0] * 5)
+    verify: list[float] = field(default_factory=lambda: [0.0] * 5)
+    prior_draft: tuple[float, float] = (0.002, 0.001)  # seconds: a, b per (T * (B + 1))
+    prior_verify: tuple[float, float] = (0.05, 0.004)  # seconds: a, b per B
+
+    @staticmethod
+    def _add(s: list[float], x: float, y: float, decay: float) -> None:
+        for i in range(5):
+            s[i] *= decay
+        s[0] += 1
+        s[1] += x
+        s[2] += x * x
+        s[3] += y
+        s[4] += x * y
+
+    @staticmethod
+    def _fit(s: list[float], prior: tuple[float, float], x: float) -> float:
+        n, sx, sxx, sy, sxy = s
+        # ridge towards the prior with one pseudo-observation at x = 0 and one at x = 16
+        a0, b0 = prior
+        for px in (0.0, 16.0):
+            py = a0 + b0 * px
+            n, sx, sxx, sy, sxy = n + 1, sx + px, sxx + px * px, sy + py, sxy + px * py
+        det = n * sxx - sx * sx
+        b = (n * sxy - sx * sy) / det if det > 1e-12 else b0
+        a = (sy - b * sx) / n
+        return max(a + b * x, 1e-9)
+
+    def observe(self, block_size: int, steps: int, draft_s: float, verify_s: float) -> None:
+        if block_size > 0:
+            self._add(self.draft, steps * (block_size + 1), draft_s, self.decay)
+        self._add(self.verify, block_size, verify_s, self.decay)
+
+    def seconds(self, block_size: int, steps: int) -> float:
+        d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1)) if block_size else 0.0
+        return d + self._fit(self.verify, self.prior_verify, block_size)
+
+
+@dataclass
+class Coordinator:
+    """Per-sequence choice of (block size, steps). Call `next()` before a round, `observe()` after it."""
+
+    max_block_size: int
+    max_steps: int = 1
+    costs: CostModel = field(default_factory=CostModel)
+    decay: float = 0.9
+    explore: float = 0.05
+    prior_strength: float = 2.0
+    seed: int = 0
+    _acc: dict = field(default_factory=dict)  # T -> (reached [Bmax], accepted [Bmax]) decayed counts
+    _rng: random.Random = field(init=False)
+
+    def __post_init__(self):
+        if self.max_block_size < 1:
+            raise ValueError("max_block_size must be >= 1")
+        self._rng = random.Random(self.seed)
+        self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
+
+    def _counts(self, steps: int):
+        if steps not in self._acc:
+            self._acc[steps] = ([0.0] * self.max_block_size, [0.0] * self.max_block_size)
+        return self._acc[steps]
+
+    def alphas(self, steps: int = 1) -> list[float]:
+        """Posterior mean acceptance per position (conditional on the previous ones)."""
+        reached, accepted = self._counts(steps)
+        out, prior = [], 0.6
+        for r, a in zip(reached, accepted):
+            mean = (a + self.prior_strength * prior) / (r + self.prior_strength)
+            out.append(mean)
+            prior = mean
+        return out
+
+    def expected_tau(self, block_size: int, steps: int = 1) -> float:
+        tau, run = 1.0, 1.0
+        for alpha in self.alphas(steps)[:block_size]:
+            run *= alpha
+            tau += run
+        return tau
+
+    def rate(self, block_size: int, steps: int = 1) -> float:
+        """Expected committed tokens per second."""
+        return self.expected_tau(block_size, steps) / self.costs.seconds(block_size, steps)
+
+    def best(self) -> tuple[int, int]:
+        return max(
+            ((b, t) for t in self.step_options for b in range(1, self.max_block_size + 1) if t <= b),
+            key=lambda bt: self.rate(*bt),
+        )
+
+    def next(self, limit: int | None = None) -> tuple[int, int]:
+        """The next (block size, steps), block size in [1, min(max, limit)]."""
+        top = self.max_block_size if limit is None else max(1, min(self.max_block_size, limit))
+        if self._rng.random() < self.explore:
+            b = self._rng.randint(1, top)
+            return b, self._rng.choice([t for t in self.step_options if t <= b])
+        b, t = self.best()
+        return min(b, top), min(t, min(b, top))
+
+    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        """Feedback after a round: its block size, steps, accepted count and timings."""
+        self.costs.observe(block_size, steps, draft_s, verify_s)
+        if block_size <= 0:
+            return
+        for counts in self._acc.values():
+            for c in counts:
+                for i in range(len(c)):
+                    c[i] *= self.decay
+        reached, acc = self._counts(steps)
+        for i in range(min(accepted + 1, block_size)):
+            reached[i] += 1
+            if i < accepted:
+                acc[i] += 1
+
+    def __call__(self, ctx) -> tuple[int, int]:
+        return self.next()

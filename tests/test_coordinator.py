@@ -1,0 +1,99 @@
+"""The coordinator against a synthetic drafter with known acceptance and synthetic costs."""
+import random
+from collections import Counter
+
+import pytest
+
+from hybrid.coordinator import Coordinator, CostModel
+
+MAX_B = 16
+
+
+def draft_cost(b, t):
+    return 0.004 + 0.0015 * t * (b + 1)
+
+
+def verify_cost(b):
+    return 0.08 + 0.006 * b
+
+
+def analytic_rate(alpha, b, t=1):
+    tau = 1 + sum(alpha ** i for i in range(1, b + 1))
+    return tau / (draft_cost(b, t) + verify_cost(b))
+
+
+def best_size(alpha):
+    return max(range(1, MAX_B + 1), key=lambda b: analytic_rate(alpha, b))
+
+
+def simulate(coord, alpha_at, rounds, rng):
+    """alpha_at(r) -> per-position acceptance in round r. Returns the chosen sizes."""
+    chosen = []
+    for r in range(rounds):
+        b, t = coord.next()
+        assert 1 <= b <= MAX_B and 1 <= t <= b
+        alpha = alpha_at(r) if alpha_at.__code__.co_argcount == 1 else alpha_at(r, t)
+        accepted = 0
+        while accepted < b and rng.random() < alpha:
+            accepted += 1
+        coord.observe(b, t, accepted, draft_cost(b, t), verify_cost(b))
+        chosen.append(b)
+    return chosen
+
+
+def near_best(alpha, tolerance=0.97):
+    """Sizes within 3% of the analytic optimum's tokens per second."""
+    top = analytic_rate(alpha, best_size(alpha))
+    return {b for b in range(1, MAX_B + 1) if analytic_rate(alpha, b) >= tolerance * top}
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.85, 0.95])
+def test_converges_to_the_analytically_best_block_size_within_100_rounds(alpha):
+    coord = Coordinator(MAX_B, seed=1)
+    chosen = simulate(coord, lambda r: alpha, 300, random.Random(2))
+    mode = Counter(chosen[100:]).most_common(1)[0][0]
+    assert mode in near_best(alpha), (alpha, best_size(alpha), Counter(chosen[100:]))
+
+
+def test_moves_when_acceptance_changes():
+    coord = Coordinator(MAX_B, seed=3)
+    chosen = simulate(coord, lambda r: 0.95 if r < 200 else 0.3, 400, random.Random(4))
+    assert Counter(chosen[100:200]).most_common(1)[0][0] in near_best(0.95)
+    assert Counter(chosen[300:]).most_common(1)[0][0] in near_best(0.3)
+
+
+def test_never_outside_range_and_explores_every_size():
+    coord = Coordinator(MAX_B, seed=5, explore=0.05)
+    chosen = simulate(coord, lambda r: 0.7, 2000, random.Random(6))
+    assert set(chosen) == set(range(1, MAX_B + 1))  # nothing starves
+    assert all(1 <= b <= 4 for b in [coord.next(limit=4)[0] for _ in range(200)])
+
+
+def test_state_is_per_sequence_costs_are_shared():
+    costs = CostModel()
+    a, b = Coordinator(MAX_B, costs=costs, seed=0), Coordinator(MAX_B, costs=costs, seed=0)
+    simulate(a, lambda r: 0.95, 100, random.Random(0))
+    assert b.alphas() != a.alphas() and b.alphas()[0] == pytest.approx(0.6)
+    assert costs.seconds(8, 1) == pytest.approx(draft_cost(8, 1) + verify_cost(8), rel=0.05)
+
+
+def test_expected_tau_formula():
+    c = Coordinator(4)
+    c._acc[1] = ([1e9] * 4, [0.5e9] * 4)  # alpha = 0.5 everywhere, certain
+    assert c.expected_tau(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_chooses_more_denoising_steps_when_they_pay():
+    # two steps cost one more drafter pass but lift acceptance from 0.5 to 0.9: worth it here
+    coord = Coordinator(MAX_B, max_steps=4, seed=7)
+    chosen_t = []
+    rng = random.Random(8)
+    for r in range(400):
+        b, t = coord.next()
+        alpha = {1: 0.5, 2: 0.9, 4: 0.9}[t]
+        acc = 0
+        while acc < b and rng.random() < alpha:
+            acc += 1
+        coord.observe(b, t, acc, draft_cost(b, t), verify_cost(b))
+        chosen_t.append(t)
+    assert Counter(chosen_t[200:]).most_common(1)[0][0] == 2
