@@ -116,6 +116,9 @@ class Engine:
             return self.verifier.encode(prompt, chat)
         return list(prompt)
 
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        return self.verifier.encode_messages(messages)
+
     @staticmethod
     def check_basic(cfg: GenerationConfig) -> None:
         """Checks that need no model."""
