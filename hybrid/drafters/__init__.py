@@ -7,8 +7,24 @@ from pathlib import Path
 from hybrid.errors import UserError
 
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
+
+
+def shipped_drafter(verifier) -> Path | None:
+    """The block-diffusion drafter shipped with hybrid for this verifier, if there is one."""
+    from hybrid.demo import resolve_model
+
+    name = Path(str(resolve_model(verifier.name_or_path)).rstrip("/")).name if verifier.name_or_path else ""
+    path = ASSETS / name.lower()
+    return path if name and (path / "config.json").is_file() else None
+
+
 def load_drafter(spec: str | None, verifier, dtype="auto", device: str = "cpu"):
-    """`none` -> None (plain decoding); `ngram`; a block-diffusion drafter folder; a causal LM (id, folder, .gguf)."""
+    """`auto` -> the shipped drafter for this verifier, else `ngram`; `none` -> None (plain decoding); `ngram`;
+    a block-diffusion drafter folder; a causal LM (id, folder, .gguf)."""
+    if spec == "auto":
+        shipped = shipped_drafter(verifier)
+        spec = str(shipped) if shipped else "ngram"
     if spec is None or spec == "none":
         return None
     if spec == "ngram":
