@@ -24,6 +24,23 @@ def _torch_dtype(name: str):
     return name if name == "auto" else getattr(torch, name)
 
 
+class AutoInt(click.ParamType):
+    """An integer or the word auto."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither an integer nor auto", param, ctx)
+
+
+AUTO_INT = AutoInt()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """hybrid: lossless speculative decoding with a block-diffusion drafter."""
@@ -32,9 +49,12 @@ def cli():
 @cli.command()
 @click.argument("prompt")
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
-@click.option("--drafter", default="ngram", show_default=True, help="none, ngram, a block-diffusion drafter folder, or a causal LM.")
-@click.option("--block-size", type=int, default=8, show_default=True, help="Draft tokens per round.")
-@click.option("--steps", type=int, default=1, show_default=True, help="Denoising steps per draft.")
+@click.option("--drafter", default="auto", show_default=True,
+              help="auto (the drafter shipped for this verifier, else ngram), none, ngram, a block-diffusion drafter folder, or a causal LM.")
+@click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
+              help="Draft tokens per round, or auto (the coordinator picks per round).")
+@click.option("--steps", type=AUTO_INT, default="auto", show_default=True,
+              help="Denoising steps per draft, or auto (picked with --block-size auto; else 1).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -117,6 +137,75 @@ def train_drafter(verifier, corpus, out, steps, block_size, seq_len, max_chunks,
         click.echo(f"held-out mean acceptance length (engine, greedy, block {block_size}): {ev['mean_acceptance_length']:.2f} "
                    f"over {ev['rounds']} rounds; output identical to plain: {ev['identical']}")
     click.echo(f"drafter saved to {out}")
+
+
+@cli.command()
+@click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
+@click.option("--drafter", default=None, metavar="PATH", help="Block-diffusion drafter for the `hybrid` method (default: the one shipped for the verifier, if any).")
+@click.option("--assistant", default="demo:0.5b", show_default=True, help="Assistant model of the hf-assisted method.")
+@click.option("--methods", default="plain,hybrid,ngram,hf-assisted,hf-prompt-lookup", show_default=True,
+              help="Comma list of plain, hybrid, ngram, hf-assisted, hf-prompt-lookup.")
+@click.option("--prompts", default=None, metavar="FILE", help="JSONL file, one {\"prompt\": ..., \"category\": ..., \"chat\": bool} a line (default: bench/prompts.jsonl).")
+@click.option("--max-new-tokens", type=int, default=None, help="New tokens per prompt [default: 32, sized for a default run under 15 minutes on 2 CPU cores].")
+@click.option("--block-size", type=AUTO_INT, default=8, show_default=True,
+              help="Draft tokens per round, or auto (the coordinator); also hf-prompt-lookup's prompt_lookup_num_tokens.")
+@click.option("--steps", type=AUTO_INT, default="auto", show_default=True, help="Denoising steps per draft, or auto.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy (outputs are then checked against plain).")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed of the first prompt (prompt i uses seed + i).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--limit", type=int, default=None, metavar="N", help="Only the first N prompts of each category.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
+@click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
+@_dtype_option
+def bench(verifier, drafter, assistant, methods, prompts, max_new_tokens, block_size, steps, temperature, top_p, seed,
+          device, limit, as_json, plot_file, dtype):
+    """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
+    from hybrid import bench as b
+
+    cfg = b.BenchConfig(
+        verifier=verifier, drafter=drafter, assistant=assistant, methods=b.parse_methods(methods), prompts=prompts,
+        max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
+        steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
+    )
+    if plot_file:
+        b.check_plot_available()
+    _quiet_transformers()
+    result = b.run_bench(cfg, echo=lambda s: click.echo(s, err=True))
+    click.echo(b.format_report(result))
+    if plot_file:
+        b.plot(result, plot_file)
+        click.echo(f"plot saved to {plot_file}")
+    if as_json:
+        click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+
+
+@cli.command()
+@click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True)
+@click.option("--drafter", default="auto", show_default=True,
+              help="auto (the drafter shipped for this verifier, else ngram), none, ngram, a block-diffusion drafter folder, or a causal LM.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--model-name", default="hybrid", show_default=True, help="The model id clients ask for.")
+@click.option("--block-size", type=AUTO_INT, default="auto", show_default=True)
+@click.option("--max-concurrent", type=int, default=8, show_default=True, help="Sequences decoding at once.")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 503.")
+@click.option("--max-prompt-tokens", type=int, default=4096, show_default=True)
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--num-pages", type=int, default=None, help="KV page budget shared by all requests.")
+@click.option("--page-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@_dtype_option
+def serve(verifier, drafter, host, port, model_name, block_size, max_concurrent, max_queue, max_prompt_tokens,
+          max_tokens, num_pages, page_size, device, dtype):
+    """Serve the OpenAI API (chat and completions, streaming) on the embedded engine."""
+    from hybrid.engine import Engine
+    from hybrid.server import ServerConfig, serve as run_server
+
+    _quiet_transformers()
+    engine = Engine.load(verifier, drafter, _torch_dtype(dtype), device, num_pages=num_pages, page_size=page_size)
+    run_server(engine, host, port, ServerConfig(model_name, max_concurrent, max_queue, max_prompt_tokens, max_tokens,
+                                                block_size))
 
 
 def _quiet_transformers() -> None:

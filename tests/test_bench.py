@@ -1,0 +1,170 @@
+"""`hybrid bench` on tiny models: every method lossless at temperature 0, figures present, one JSON line last."""
+import json
+
+import pytest
+import torch
+
+from conftest import save_tiny
+from hybrid.bench import (ALL, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS, BenchConfig, first_difference, load_prompts,
+                          parse_methods, run_bench)
+from hybrid.cli import main
+from hybrid.drafters.diffusion import DiffusionDrafter
+from hybrid.errors import UserError
+from hybrid.verifiers.hf import HFVerifier
+
+PROMPTS = [
+    {"prompt": "abc abc abc abc", "category": "code", "chat": False},
+    {"prompt": "hello there", "category": "chat"},
+    {"prompt": "one two one two", "category": "chat"},
+]
+FIGURES = ("tokens_per_s", "speedup", "mean_acceptance_length", "acceptance_per_position", "ttft_s", "tpot_ms_p50",
+           "tpot_ms_p90", "tpot_ms_p99", "draft_share", "verify_share", "identical_to_plain")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    verifier = save_tiny(root / "verifier", "qwen3", seed=0)
+    assistant = save_tiny(root / "assistant", "qwen3", seed=1, layers=2)  # same tokenizer, other weights
+    torch.manual_seed(0)
+    drafter = root / "drafter"
+    DiffusionDrafter.for_verifier(HFVerifier.from_pretrained(str(verifier)), num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, intermediate_size=64, block_size=8).save(drafter)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return verifier, assistant, drafter, prompts
+
+
+def run_cli(capsys, *args):
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_cli_all_methods_lossless_json_last(models, capsys):
+    verifier, assistant, drafter, prompts = models
+    code, out, err = run_cli(
+        capsys, "bench", "--verifier", str(verifier), "--drafter", str(drafter), "--assistant", str(assistant),
+        "--prompts", str(prompts), "--max-new-tokens", "12", "--block-size", "4", "--json",
+        "--methods", "plain,hybrid,ngram,hf-assisted,hf-prompt-lookup",
+    )
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1])
+    methods = result["methods"]
+    assert list(methods) == ["plain", "hybrid", "ngram", "hf-assisted", "hf-prompt-lookup"]
+    assert result["categories"] == ["code", "chat"]
+    for m, cats in methods.items():
+        assert set(cats) == {"code", "chat", ALL}
+        for c, s in cats.items():
+            for key in FIGURES:
+                assert key in s, (m, c, key)
+            assert s["identical_to_plain"] is True, (m, c)
+            assert s["tokens_per_s"] > 0 and s["new_tokens"] > 0
+        assert result["identical_to_plain"][m] is True
+    for c in ("code", "chat", ALL):
+        assert methods["plain"][c]["speedup"] == 1.0
+        assert methods["plain"][c]["mean_acceptance_length"] == 1.0
+    assert methods["plain"]["chat"]["prompts"] == 2
+    assert methods["ngram"][ALL]["draft_share"] is not None and methods["hybrid"][ALL]["acceptance_per_position"]
+    # transformers' assisted decoding: acceptance from the streamer's chunks and the verifier's input lengths
+    for m in ("hf-assisted", "hf-prompt-lookup"):
+        assert methods[m][ALL]["mean_acceptance_length"] >= 1.0
+        assert methods[m][ALL]["acceptance_per_position"] is not None
+    assert methods["hf-prompt-lookup"][ALL]["draft_share"] is None  # lookup time is not measured separately
+    assert result["mismatches"] == []
+    text = "\n".join(lines[:-1])
+    assert "overall" in text and "code (1 prompt)" in text and "chat (2 prompts)" in text
+    assert "identical to plain at temperature 0: hybrid, ngram, hf-assisted, hf-prompt-lookup" in text
+
+
+def test_bench_function_block_size_auto_tokens_equal_plain_and_limit(models):
+    verifier, assistant, _, prompts = models
+    r = run_bench(BenchConfig(verifier=str(verifier), assistant=str(assistant), prompts=str(prompts), limit=1,
+                              methods=("plain", "ngram", "hf-prompt-lookup"), max_new_tokens=10, block_size="auto"),
+                  progress=False)
+    assert r.categories == ["code", "chat"] and r.stats["plain"][ALL].prompts == 2
+    plain = {x.index: x.token_ids for x in r.runs if x.method == "plain"}
+    for x in r.runs:
+        assert x.token_ids == plain[x.index] and len(x.token_ids) <= 10
+        assert len(x.tpot_s) <= len(x.token_ids) - 1
+    assert r.skipped == {} and r.mismatches == []
+
+
+def test_sampling_not_checked_and_hybrid_skipped_without_drafter(models, capsys):
+    verifier, _, _, prompts = models
+    code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--prompts", str(prompts), "--limit", "1",
+                             "--methods", "plain,hybrid,ngram", "--max-new-tokens", "6", "--temperature", "0.8", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["identical_to_plain"] == {"plain": None, "ngram": None}
+    assert "not checked" in out
+    # no --drafter and none shipped for this verifier: hybrid is skipped with a note, the rest runs
+    assert "hybrid" in result["skipped"] and "skipping hybrid" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "prompts file not found"),
+        ('{"prompt": "hi", "category": "chat"}\n{"prompt": "oops"\n', ":2: not valid JSON"),
+        ('{"prompt": "", "category": "chat"}\n', '"prompt" must be a non-empty string'),
+        ('{"prompt": "hi"}\n', '"category" must be'),
+        ('{"prompt": "hi", "category": "chat", "chat": "yes"}\n', '"chat" must be true or false'),
+        ("\n\n", "has no prompts"),
+    ],
+)
+def test_bad_prompts_file_is_one_line_error(models, tmp_path, capsys, content, message):
+    path = tmp_path / "p.jsonl"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = run_cli(capsys, "bench", "--verifier", str(models[0]), "--prompts", str(path))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_method_and_figures_are_one_line_errors(models, capsys):
+    verifier, _, _, prompts = models
+    for args, message in (
+        (["--methods", "plain,medusa"], "unknown method 'medusa'"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--block-size", "0"], "block size must be"),
+        (["--limit", "0"], "--limit must be >= 1"),
+    ):
+        code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--prompts", str(prompts), *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_helpers(capsys):
+    _, out, _ = run_cli(capsys, "bench", "--help")
+    assert f"default: {DEFAULT_MAX_NEW_TOKENS}," in " ".join(out.split())  # the help states the default
+    assert parse_methods("hf-assisted, plain") == ("plain", "hf-assisted")
+    with pytest.raises(UserError):
+        parse_methods(" , ")
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_default_prompt_set_has_every_category():
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    cats = {p.category for p in prompts}
+    assert cats == {"code", "chat", "math", "summarisation", "translation"}
+    assert all(sum(p.category == c for p in prompts) >= 4 for c in cats)
+    assert any(not p.chat for p in prompts)  # raw code completion
+
+
+def test_plot_without_matplotlib_is_one_line_error(models, tmp_path, capsys):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("matplotlib is installed")
+    verifier, _, _, prompts = models
+    code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--prompts", str(prompts),
+                             "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
