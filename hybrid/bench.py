@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ class BenchConfig:
     prompts: str | None = None  # None: DEFAULT_PROMPTS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     block_size: int | str = 8  # or "auto": the coordinator picks per round
+    block_sizes: tuple | None = None  # e.g. (2, 4, 8, 16, "auto"): our drafters once per size, as "hybrid@8"
     steps: int | str = "auto"  # "auto": 1 at a fixed block size, the coordinator's choice with block size auto
     temperature: float = 0.0
     top_p: float = 1.0
@@ -86,6 +88,21 @@ class BenchConfig:
     device: str = "cpu"
     limit: int | None = None  # first N prompts per category
     warmup_tokens: int = WARMUP_TOKENS
+
+
+def parse_block_sizes(text: str | None) -> tuple | None:
+    """`2,4,8,auto` -> (2, 4, 8, "auto"); None or empty -> None."""
+    if not text:
+        return None
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "auto":
+            out.append("auto")
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise UserError(f"--block-sizes: {part!r} is neither a positive integer nor auto (e.g. 2,4,8,16,auto)")
+    return tuple(dict.fromkeys(out))
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -172,6 +189,7 @@ class MethodStats:
     tpot_ms_p50: float | None
     tpot_ms_p90: float | None
     tpot_ms_p99: float | None
+    block_sizes: dict[int, int] | None  # histogram: draft tokens proposed -> rounds (engine methods)
     draft_share: float | None  # share of wall time spent drafting
     verify_share: float | None  # share of wall time in verifier forward passes (prefill included)
     identical_to_plain: bool | None  # temperature 0 only
@@ -253,6 +271,8 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
         tpot_ms_p50=ms(50),
         tpot_ms_p90=ms(90),
         tpot_ms_p99=ms(99),
+        block_sizes=(dict(sorted(Counter(d for r in runs for d, _ in r.rounds).items()))
+                     if all(r.rounds is not None for r in runs) else None),
         draft_share=share("draft_s"),
         verify_share=share("verify_s"),
         identical_to_plain=None,
@@ -474,7 +494,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     encoded = [verifier.encode(p.prompt, p.chat) for p in prompts]
     longest = max(len(ids) for ids in encoded)
     page_size = 16
-    max_block = cfg.block_size if isinstance(cfg.block_size, int) else 64
+    max_block = max([b for b in (cfg.block_sizes or ()) + (cfg.block_size,) if isinstance(b, int)] + [0])
+    max_block = max(max_block, 64 if "auto" in (cfg.block_sizes or ()) + (cfg.block_size,) else 0)
     num_pages = -(-(longest + max(cfg.max_new_tokens, cfg.warmup_tokens) + max_block + 1) // page_size) + 1
     lookup_tokens = cfg.block_size if isinstance(cfg.block_size, int) else HF_LOOKUP_TOKENS
     eos = sorted(verifier.eos_token_ids)
@@ -488,9 +509,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
         if method in ENGINE_METHODS:
             spec = {"plain": "none", "ngram": "ngram", "hybrid": drafter_spec}[method]
             drafters[method] = d = load_drafter(spec, verifier, cfg.dtype, cfg.device)
-            if d is not None and isinstance(cfg.block_size, int) and cfg.block_size > d.max_block_size:
-                raise UserError(f"block size {cfg.block_size} is above the {method} drafter's maximum of "
-                                f"{d.max_block_size}: use --block-size {d.max_block_size} or less")
+            for b in (cfg.block_sizes or (cfg.block_size,)) if method != "plain" else ():
+                if d is not None and isinstance(b, int) and b > d.max_block_size:
+                    raise UserError(f"block size {b} is above the {method} drafter's maximum of "
+                                    f"{d.max_block_size}: use block sizes of {d.max_block_size} or less")
     assistant = None
     if "hf-assisted" in methods:
         from hybrid.verifiers.hf import load_causal_lm
@@ -499,20 +521,26 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
         assistant, atok = load_causal_lm(cfg.assistant, verifier.dtype if cfg.dtype == "auto" else cfg.dtype, cfg.device)
         check_same_vocab(verifier, atok, assistant.get_output_embeddings().weight.shape[0], "assistant")
 
+    # (label, method, block size): with --block-sizes our drafters run once per size ("hybrid@8")
+    variants = []
+    for method in methods:
+        sizes = cfg.block_sizes if cfg.block_sizes and method in ENGINE_METHODS and method != "plain" else None
+        variants += [(f"{method}@{b}", method, b) for b in sizes] if sizes else [(method, method, cfg.block_size)]
     runs: list[PromptRun] = []
-    bar = tqdm(total=len(methods) * len(prompts), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(variants) * len(prompts), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     try:
-        for method in methods:
-            bar.set_description(method)
+        for label, method, block_size in variants:
+            bar.set_description(label)
             verifier.set_capture_layers([])  # drop the hooks a previous drafter asked for
             if method in ENGINE_METHODS:
                 # one Engine (one fresh page pool) per method, all over the one loaded verifier
-                engine = Engine(verifier, drafters.pop(method), num_pages=num_pages, page_size=page_size)
-                engine.check(gen)
+                engine = Engine(verifier, drafters[method], num_pages=num_pages, page_size=page_size)
+                g = GenerationConfig(**{**asdict(gen), "block_size": block_size})
+                engine.check(g)
 
-                def one(i, ids, n, seed, engine=engine, method=method):
-                    c = GenerationConfig(**{**asdict(gen), "max_new_tokens": n, "seed": seed})
-                    return run_engine(engine, ids, c, method, prompts[i].category, prompts[i].index)
+                def one(i, ids, n, seed, engine=engine, label=label, g=g):
+                    c = GenerationConfig(**{**asdict(g), "max_new_tokens": n, "seed": seed})
+                    return run_engine(engine, ids, c, label, prompts[i].category, prompts[i].index)
             else:
                 helper = assistant if method == "hf-assisted" else None
 
@@ -529,7 +557,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
         bar.close()
         verifier.set_capture_layers([])
 
-    stats, mismatches = summarise(runs, methods, categories, greedy)
+    stats, mismatches = summarise(runs, [label for label, _, _ in variants], categories, greedy)
     config = {k: (str(v) if k == "dtype" else v) for k, v in asdict(cfg).items()}
     config.update(methods=list(methods), drafter=drafter_spec, prompts=str(cfg.prompts or DEFAULT_PROMPTS),
                   num_prompts=len(prompts), device=str(verifier.device), verifier_dtype=str(verifier.dtype),

@@ -147,8 +147,10 @@ def train_drafter(verifier, corpus, out, steps, block_size, seq_len, max_chunks,
               help="Comma list of plain, hybrid, ngram, hf-assisted, hf-prompt-lookup.")
 @click.option("--prompts", default=None, metavar="FILE", help="JSONL file, one {\"prompt\": ..., \"category\": ..., \"chat\": bool} a line (default: bench/prompts.jsonl).")
 @click.option("--max-new-tokens", type=int, default=None, help="New tokens per prompt [default: 32, sized for a default run under 15 minutes on 2 CPU cores].")
-@click.option("--block-size", type=AUTO_INT, default=8, show_default=True,
+@click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
               help="Draft tokens per round, or auto (the coordinator); also hf-prompt-lookup's prompt_lookup_num_tokens.")
+@click.option("--block-sizes", default=None, metavar="LIST",
+              help="Run our drafters once per block size, e.g. 2,4,8,16,auto (shown as hybrid@8 ...).")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True, help="Denoising steps per draft, or auto.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy (outputs are then checked against plain).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -158,7 +160,7 @@ def train_drafter(verifier, corpus, out, steps, block_size, seq_len, max_chunks,
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
-def bench(verifier, drafter, assistant, methods, prompts, max_new_tokens, block_size, steps, temperature, top_p, seed,
+def bench(verifier, drafter, assistant, methods, prompts, max_new_tokens, block_size, block_sizes, steps, temperature, top_p, seed,
           device, limit, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
@@ -166,7 +168,7 @@ def bench(verifier, drafter, assistant, methods, prompts, max_new_tokens, block_
     cfg = b.BenchConfig(
         verifier=verifier, drafter=drafter, assistant=assistant, methods=b.parse_methods(methods), prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
-        steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
+        block_sizes=b.parse_block_sizes(block_sizes), steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
     )
     if plot_file:
         b.check_plot_available()

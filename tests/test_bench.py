@@ -168,3 +168,21 @@ def test_plot_without_matplotlib_is_one_line_error(models, tmp_path, capsys):
     code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--prompts", str(prompts),
                              "--plot", str(tmp_path / "x.png"))
     assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
+
+
+def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
+    from hybrid.bench import parse_block_sizes
+
+    assert parse_block_sizes("2, 4,auto,4") == (2, 4, "auto")
+    with pytest.raises(UserError):
+        parse_block_sizes("2,zero")
+    verifier, assistant, drafter, prompts = models
+    code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--drafter", str(drafter), "--prompts",
+                             str(prompts), "--max-new-tokens", "10", "--methods", "plain,hybrid",
+                             "--block-sizes", "1,4,auto", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert list(result["methods"]) == ["plain", "hybrid@1", "hybrid@4", "hybrid@auto"]
+    assert all(result["identical_to_plain"].values())
+    assert set(result["methods"]["hybrid@4"][ALL]["block_sizes"]) <= {"4", "3", "2", "1", "0"}
+    assert set(result["methods"]["hybrid@1"][ALL]["block_sizes"]) <= {"1", "0"}  # 0: the last token of a prompt
