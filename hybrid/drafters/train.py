@@ -231,15 +231,21 @@ def block_attention_mask(anchors: torch.Tensor, S: int, B: int) -> torch.Tensor:
     return torch.cat([ctx_ok, own], 1)[:, None, None, :].expand(-1, 1, B + 1, -1)
 
 
-def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int):
-    """Weighted cross-entropy of the masked rows; returns (loss, accuracy of masked rows)."""
-    ids, positions, tgt, w, masked, anchors = batch
+def blocks_forward(drafter, embed, feat, ids, positions, anchors, B: int) -> torch.Tensor:
+    """All blocks of a chunk in one drafter pass: each sees the context before its anchor -> [nb, B+1, H]."""
     model = drafter.model
     S = feat["hidden"].shape[0]
     ctx_feats = model.context(feat["hidden"].to(model.fc.weight.dtype))  # [S, H]
-    ctx_kv = [(k[None], v[None]) for k, v in model.context_kv(ctx_feats, torch.arange(S))]  # [1, S, h, d]
-    ctx_kv = [(k.expand(ids.shape[0], -1, -1, -1), v.expand(ids.shape[0], -1, -1, -1)) for k, v in ctx_kv]
-    h = model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))  # [nb, B+1, H]
+    nb = ids.shape[0]
+    ctx_kv = [(k[None].expand(nb, -1, -1, -1), v[None].expand(nb, -1, -1, -1))  # [nb, S, h, d], no copy
+              for k, v in model.context_kv(ctx_feats, torch.arange(S))]
+    return model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))
+
+
+def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int):
+    """Weighted cross-entropy of the masked rows; returns (loss, accuracy of masked rows)."""
+    ids, positions, tgt, w, masked, anchors = batch
+    h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)  # [nb, B+1, H]
     rows = h[:, 1:][masked]  # [m, H]
     logits = head(rows).float()  # [m, V]
     ce = F.cross_entropy(logits, tgt[masked], reduction="none")
@@ -258,12 +264,7 @@ def teacher_forced_acceptance(drafter, embed, head, feats, cfg: TrainConfig, g: 
     for feat in feats:
         ids, positions, tgt, w, masked, anchors = make_batch(feat, TrainConfig(**{**asdict(cfg), "partial_mask_share": 0.0}),
                                                              drafter.config.mask_token_id, g)
-        S = feat["hidden"].shape[0]
-        model = drafter.model
-        ctx_feats = model.context(feat["hidden"].to(model.fc.weight.dtype))
-        ctx_kv = [(k[None].expand(ids.shape[0], -1, -1, -1), v[None].expand(ids.shape[0], -1, -1, -1))
-                  for k, v in model.context_kv(ctx_feats, torch.arange(S))]
-        h = model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))
+        h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)
         draft = head(h[:, 1:]).argmax(-1)  # [nb, B]
         x = feat["tokens"]
         k = torch.arange(1, B + 1)
