@@ -205,35 +205,43 @@ def assemble_parts(part_paths: Sequence[Path], out_path: Path, sha256: str | Non
 # ---------------------------------------------------------------- conversion
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Load ``gguf`` with transformers (dequantizing it) and save a bfloat16 HF folder to ``out_dir``.
+def load_gguf(gguf: Path, dtype=None):
+    """(model, tokenizer) from a local GGUF file, dequantized, with the chat template from its metadata.
 
-    Writes config.json, generation_config.json, model.safetensors and the tokenizer files,
-    with the chat template from the GGUF metadata. ``from_pretrained(gguf_file=...)`` would
-    need ``accelerate`` only to create the empty model; we dequantize with transformers' own
-    GGUF loader and hand the tensors to ``from_pretrained(state_dict=...)`` instead.
+    ``from_pretrained(gguf_file=...)`` would need ``accelerate`` only to create the empty model; we
+    dequantize with transformers' own GGUF loader and hand the tensors to
+    ``from_pretrained(state_dict=...)`` instead.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    dtype = dtype or torch.bfloat16
     gguf = Path(gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tok.chat_template:
         tok.chat_template = _gguf_chat_template(gguf)
-    if not tok.chat_template:
-        raise UserError(f"{gguf.name} has no chat template; delete it and retry")
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.model_max_length = config.max_position_embeddings  # the GGUF leaves it unset (1e30)
     with torch.device("meta"):  # only to map GGUF tensor names to parameter names
         skeleton = AutoModelForCausalLM.from_config(config)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton,
-                                   torch_dtype=torch.bfloat16)["tensors"]
-    model = type(skeleton).from_pretrained(None, config=config, state_dict=tensors, dtype=torch.bfloat16)
+                                   torch_dtype=dtype)["tensors"]
+    model = type(skeleton).from_pretrained(None, config=config, state_dict=tensors, dtype=dtype)
     # Stop at <|im_end|> (chat) and at <|endoftext|> (plain completion), as upstream does;
     # upstream's sampling defaults are left out so that generate() stays greedy by default.
-    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    model.generation_config.eos_token_id = [i for i in eos if i is not None and i >= 0]
+    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tok.get_vocab()]
+    if eos:
+        model.generation_config.eos_token_id = [i for i in eos if i is not None and i >= 0]
+    return model, tok
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Load ``gguf`` with transformers (dequantizing it) and save a bfloat16 HF folder to ``out_dir``:
+    config.json, generation_config.json, model.safetensors and the tokenizer files with the chat template."""
+    model, tok = load_gguf(gguf)
+    if not tok.chat_template:
+        raise UserError(f"{Path(gguf).name} has no chat template; delete it and retry")
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
 

@@ -87,8 +87,14 @@ def load_causal_lm(spec: str, dtype: torch.dtype | str = "auto", device: str = "
         config = AutoConfig.from_pretrained(src, **kwargs)
         if dtype == "auto":
             dtype = _auto_dtype(config, device)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        if kwargs.get("gguf_file"):
+            from hybrid.demo import load_gguf
+
+            model, tokenizer = load_gguf(Path(spec), dtype)
+            model.config._name_or_path = spec
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
