@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybrid.cuda import ops_for
 from hybrid.cuda import reference as ref
 from hybrid.errors import PagesExhausted
 
@@ -127,7 +128,7 @@ class PagePool:
         src = self.block_table(seq)
         dst = self.block_table(child)
         for kv in self.kv.values():
-            ref.copy_pages(kv, src, dst)
+            ops_for(kv).copy_pages(kv, src, dst)
         child.lengths = dict(seq.lengths)
         return child
 
@@ -139,11 +140,13 @@ class PagePool:
         """
         T = k.shape[0]
         slots = ref.slots_for(self.block_table(seq), start, start + T, self.page_size)  # [T]
-        ref.write_kv(self.kv[model], layer, k, v, slots)
+        kv = self.kv[model]
+        ops_for(kv).write_kv(kv, layer, k, v, slots)
 
     def gather(self, model: str, layer: int, seq: Sequence, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of positions [0, length) of one layer: k, v [length, H, D]."""
-        return ref.gather_kv(self.kv[model], layer, self.block_table(seq), length)
+        kv = self.kv[model]
+        return ops_for(kv).gather_kv(kv, layer, self.block_table(seq), length)
 
     def advance(self, model: str, seq: Sequence, length: int) -> None:
         """Record that `model` has written positions [0, length) of the sequence."""

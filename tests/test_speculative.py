@@ -44,7 +44,7 @@ def test_greedy_output_equals_plain_greedy(family, drafter):
     ref = greedy_reference(v, PROMPT, N)
     engine = Engine(v, DRAFTERS[drafter](v), num_pages=16, page_size=8)
     for block_size in (1, 4, 16):
-        for steps in ((1, 3) if drafter == "diffusion" else (1,)):
+        for steps in ((1, 3) if drafter == "diffusion" and block_size == 16 else (1,)):
             cfg = GenerationConfig(max_new_tokens=N, block_size=block_size, steps=steps, stop_on_eos=False)
             r = engine.generate(PROMPT, cfg)
             assert r.token_ids == ref, (drafter, block_size, steps)
@@ -113,7 +113,7 @@ def test_same_seed_reproduces_sampled_output():
 
 # -- sampling end to end: the distribution of the first two tokens matches the verifier's ----------
 V_SMALL = 6
-SAMPLES = 1000
+SAMPLES = 600
 
 
 def exact_two_token_distribution(v, prompt, temperature):
@@ -126,9 +126,9 @@ def exact_two_token_distribution(v, prompt, temperature):
     return (p1[:, None] * p2).double().numpy()
 
 
-def two_token_counts(engine, drafter_block, temperature):
+def two_token_counts(engine, drafter_block, temperature, samples=SAMPLES):
     counts = np.zeros((V_SMALL, V_SMALL))
-    for seed in range(SAMPLES):
+    for seed in range(samples):
         cfg = GenerationConfig(max_new_tokens=2, block_size=drafter_block, temperature=temperature, seed=seed,
                                stop_on_eos=False)
         t = engine.generate([1, 3, 4], cfg).token_ids
@@ -171,7 +171,7 @@ def test_sampling_check_detects_biased_acceptance(sampling_setup, monkeypatch):
 
     biased.__wrapped__ = loop_mod.accept
     monkeypatch.setattr(loop_mod, "accept", biased)
-    assert pvalue(two_token_counts(engine, 2, 1.0), probs) < 1e-6
+    assert pvalue(two_token_counts(engine, 2, 1.0, samples=300), probs) < 1e-6
 
 
 def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
