@@ -210,6 +210,31 @@ def serve(verifier, drafter, host, port, model_name, block_size, max_concurrent,
                                                 block_size))
 
 
+@cli.command("export-vllm")
+@click.argument("drafter_dir")
+@click.argument("out_dir")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
+              help="Weights dtype (auto: as trained; vLLM casts to the target's dtype anyway).")
+@click.option("--steps", type=int, default=1, show_default=True,
+              help="Denoising steps per draft. 1: stock vLLM (DFlashDraftModel). >1: needs hybrid installed beside vLLM "
+                   "(its vllm.general_plugins entry point registers DFlashHybridDraftModel).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+def export_vllm_cmd(drafter_dir, out_dir, dtype, steps, overwrite, as_json):
+    """Write a block-diffusion drafter as a checkpoint vLLM runs with --speculative-config method dflash."""
+    from hybrid.vllm_export import export_vllm
+
+    info = export_vllm(drafter_dir, out_dir, dtype=dtype, steps=steps, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    spec = json.dumps(info["speculative_config"])
+    click.echo(f"wrote {info['out']} ({info['architecture']}, {info['dtype']}, {info['parameters']:,} parameters, "
+               f"{info['denoising_steps']} denoising step(s), trained block size {info['block_size']})")
+    verifier = info["verifier"] if info["verifier"] and not info["verifier"].startswith("demo:") else "TARGET_MODEL_FOLDER"
+    click.echo(f"serve it: vllm serve {verifier} --speculative-config '{spec}'")
+
+
 def _quiet_transformers() -> None:
     import transformers
 

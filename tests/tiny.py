@@ -79,8 +79,7 @@ def save_tiny(path: Path, family: str = "qwen3", seed: int = 0, **kw) -> Path:
 
 def write_tiny_gguf(path, seed=0):
     """A tiny Qwen2 model written as a real GGUF file (float32 tensors, a byte-level BPE tokenizer with a
-    chat template)
-    returns the transformers model it was made from."""
+    chat template); returns the transformers model it was made from."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -99,7 +98,8 @@ def write_tiny_gguf(path, seed=0):
     w.add_layer_norm_rms_eps(1e-6)
     toks = list(bytes_to_unicode().values()) + ["he", "ll", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     toks += [f"<pad{i}>" for i in range(264 - len(toks))]
-    w.add_tokenizer_model("gpt2"); w.add_token_list(toks)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(toks)
     w.add_token_types([1] * 258 + [3] * (len(toks) - 258))
     w.add_token_merges(["h e", "l l"])
     w.add_bos_token_id(258)
