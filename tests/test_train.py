@@ -64,3 +64,12 @@ def test_batch_targets_are_the_verifiers_predictions():
         for k in range(1, B + 1):
             on_policy = all(a + i != 7 for i in range(1, k))  # rows after the disagreement weigh less
             assert (w[j, k - 1] == torch.exp(torch.tensor(-(k - 1) / 7.0))) == on_policy
+
+
+def test_bfloat16_training_run_completes(tmp_path, model_dir):
+    """The default dtype path: a bf16 verifier, an fp32 drafter under autocast, a bf16 drafter saved."""
+    c = cfg(tmp_path, model_dir, tmp_path / "bf16", 2)
+    c.dtype = "bfloat16"
+    r = train(c, progress=False)
+    assert r["heldout_teacher_forced_tau"] >= 1.0
+    assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["fc.weight"].dtype == torch.bfloat16

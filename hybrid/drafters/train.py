@@ -355,7 +355,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if step + 1 == cfg.extra.get("stop_after"):  # an interrupted run (tests)
             return {"stopped_at": step + 1}
     drafter.model.eval()
-    tau_tf = teacher_forced_acceptance(drafter, embed, head, holdout, cfg, torch.Generator().manual_seed(cfg.seed + 1))
+    with torch.autocast("cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32):
+        tau_tf = teacher_forced_acceptance(drafter, embed, head, holdout, cfg, torch.Generator().manual_seed(cfg.seed + 1))
     report = {"steps": cfg.steps, "final_loss_ema": loss_ema, "heldout_teacher_forced_tau": tau_tf,
               "train_chunks": len(train_feats), "seq_len": cfg.seq_len}
     drafter.config.training = {**asdict(cfg), "report": report}
