@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -197,6 +197,14 @@ def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chu
 
 
 # -- batches --------------------------------------------------------------------------------
+def on_policy_rows(x: torch.Tensor, tgt: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[nb, B] bool: block row k is on-policy while the corpus agrees with the verifier's predictions on
+    rows < k (the verifier's greedy continuation is then known). x [S] corpus; tgt [nb, B]; anchors [nb]."""
+    B = tgt.shape[1]
+    agree = x[anchors[:, None] + torch.arange(1, B + 1)[None]] == tgt  # corpus token == verifier's prediction
+    return torch.cat([torch.ones(len(anchors), 1, dtype=torch.bool), agree[:, :-1].cumprod(1).bool()], 1)
+
+
 def make_batch(feat: dict, cfg: TrainConfig, mask_id: int, g: torch.Generator):
     """Anchors for one chunk -> block ids [nb, B+1], positions [nb, B+1], targets [nb, B], weights [nb, B],
     loss mask [nb, B], anchors [nb]."""
@@ -206,9 +214,7 @@ def make_batch(feat: dict, cfg: TrainConfig, mask_id: int, g: torch.Generator):
     anchors = torch.randint(1, S - B, (nb,), generator=g)  # context >= 1 position
     k = torch.arange(1, B + 1)  # [B]
     tgt = t[anchors[:, None] + k[None] - 1]  # [nb, B]: verifier's prediction of position a+k
-    agree = (x[anchors[:, None] + k[None]] == tgt)  # corpus token == verifier's prediction
-    # row k is on-policy while rows < k agree (the verifier's greedy continuation is then known)
-    on_policy = torch.cat([torch.ones(nb, 1, dtype=torch.bool), agree[:, :-1].cumprod(1).bool()], 1)
+    on_policy = on_policy_rows(x, tgt, anchors)
     w = torch.exp(-(k - 1).float() / cfg.gamma)[None].expand(nb, B).clone()
     w = torch.where(on_policy, w, w * cfg.off_policy_weight)
     ids = torch.full((nb, B + 1), mask_id, dtype=torch.long)
@@ -262,14 +268,11 @@ def teacher_forced_acceptance(drafter, embed, head, feats, cfg: TrainConfig, g: 
     taus = []
     B = cfg.block_size
     for feat in feats:
-        ids, positions, tgt, w, masked, anchors = make_batch(feat, TrainConfig(**{**asdict(cfg), "partial_mask_share": 0.0}),
-                                                             drafter.config.mask_token_id, g)
+        one_step = replace(cfg, partial_mask_share=0.0)  # all-mask blocks: the one-step draft
+        ids, positions, tgt, w, masked, anchors = make_batch(feat, one_step, drafter.config.mask_token_id, g)
         h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)
         draft = head(h[:, 1:]).argmax(-1)  # [nb, B]
-        x = feat["tokens"]
-        k = torch.arange(1, B + 1)
-        agree = x[anchors[:, None] + k[None]] == tgt
-        known = torch.cat([torch.ones(len(anchors), 1, dtype=torch.bool), agree[:, :-1].cumprod(1).bool()], 1)
+        known = on_policy_rows(feat["tokens"], tgt, anchors)
         ok = ((draft == tgt) & known).int().cumprod(1).sum(1)  # accepted draft tokens
         taus += (ok + 1).tolist()
     return sum(taus) / len(taus)
