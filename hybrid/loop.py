@@ -96,8 +96,7 @@ def speculative_decode(
     try:
         # Budget check up front: the whole request must fit the pool, or it is refused now.
         worst = min(len(prompt) + cfg.max_new_tokens + cfg.block_size, verifier.max_context + cfg.block_size)
-        if pool.pages_for(worst) > pool.free_pages:
-            pool.reserve(seq, worst)  # raises PagesExhausted with the numbers
+        pool.check_fits(seq, worst)
 
         # 1. prefill: every prompt token but the last into the verifier's pages (and the drafter's)
         t0 = time.perf_counter()

@@ -76,16 +76,21 @@ class PagePool:
     def sequences(self) -> list[Sequence]:
         return list(self._seqs.values())
 
-    def reserve(self, seq: Sequence, n_tokens: int) -> None:
-        """Make the block table cover n_tokens positions, taking pages from the pool."""
+    def check_fits(self, seq: Sequence, n_tokens: int) -> int:
+        """Pages seq still needs to cover n_tokens; raises PagesExhausted if the pool has fewer free."""
         need = self.pages_for(n_tokens) - len(seq.block_table)
-        if need <= 0:
-            return
         if need > len(self._free):
             raise PagesExhausted(
                 f"KV pages exhausted: sequence needs {need} more pages of {self.page_size} tokens, "
                 f"{len(self._free)} of {self.num_pages} are free; raise --num-pages or shorten the request"
             )
+        return need
+
+    def reserve(self, seq: Sequence, n_tokens: int) -> None:
+        """Make the block table cover n_tokens positions, taking pages from the pool."""
+        need = self.check_fits(seq, n_tokens)
+        if need <= 0:
+            return
         seq.block_table.extend(self._free.pop() for _ in range(need))
         seq._table_tensor = None
 
