@@ -98,7 +98,15 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
 
 @cli.command("train-drafter")
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="The verifier to distil from.")
-@click.option("--corpus", multiple=True, required=True, help="Text files or folders (repeatable).")
+@click.option("--corpus", multiple=True, help="Text files or folders (repeatable): the verifier's predictions on them.")
+@click.option("--prompts", multiple=True, metavar="FILE",
+              help="JSONL prompt files (as for bench; repeatable): the verifier's own greedy answers (self-distillation).")
+@click.option("--gen-tokens", type=int, default=128, show_default=True, help="New tokens per answer to --prompts.")
+@click.option("--gen-batch", type=int, default=32, show_default=True, help="Answers generated at once.")
+@click.option("--max-prompts", type=int, default=None, help="Use at most N of the --prompts (shuffled with --seed).")
+@click.option("--loss-vocab", type=int, default=32768, show_default=True,
+              help="Tokens in the training softmax: the verifier's most frequent predictions plus each batch's targets (0: all).")
+@click.option("--init", default=None, metavar="DRAFTER_DIR", help="Start from this drafter's weights (same architecture).")
 @click.option("--out", required=True, help="Output drafter folder (checkpoints go there too).")
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--block-size", type=int, default=16, show_default=True)
@@ -116,9 +124,10 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, max_prompts, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
-    """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus."""
+    """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
+    answers to prompts."""
     from hybrid.drafters.train import TrainConfig, evaluate_engine, train
 
     _quiet_transformers()
@@ -127,7 +136,8 @@ def train_drafter(verifier, corpus, out, steps, block_size, seq_len, max_chunks,
         anchors=anchors, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, dtype="bfloat16" if dtype == "auto" else dtype,
-        eval_prompts=eval_prompts, extra={"resume": resume},
+        eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch,
+        max_prompts=max_prompts, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
     )
     report = train(cfg)
     click.echo(f"held-out mean acceptance length (teacher forced, one step, block {block_size}): "

@@ -1,5 +1,6 @@
 """`hybrid train-drafter` on a tiny verifier: learns, is deterministic with a seed, resumes exactly."""
 import json
+from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file
@@ -73,3 +74,74 @@ def test_bfloat16_training_run_completes(tmp_path, model_dir):
     r = train(c, progress=False)
     assert r["heldout_teacher_forced_tau"] >= 1.0
     assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["fc.weight"].dtype == torch.bfloat16
+
+
+def test_self_distillation_features_are_the_verifiers_greedy_answers():
+    """Batched, left-padded generation: each answer equals plain greedy decoding of its prompt alone, and its
+    hidden states equal a fresh teacher-forced pass over prompt + answer."""
+    from conftest import greedy_reference, make_verifier
+
+    from hybrid.drafters.train import featurise, generate_features
+
+    v = make_verifier("qwen3", seed=3)
+    prompts = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 40], [60, 61]]
+    layers = [0, 2]
+    feats = generate_features(v, layers, prompts, new_tokens=10)
+    for p, f in zip(prompts, feats):
+        ref = greedy_reference(v, p, 10)
+        stop = next((j for j, t in enumerate(ref) if t in v.eos_token_ids), 9)
+        full = p + ref[: stop + 1]
+        assert f["tokens"].tolist() == full[:-1] and f["pred"].tolist() == full[1:]
+        assert f["start"] == len(p) - 1
+        again = featurise(v, layers, full[:-1])
+        torch.testing.assert_close(f["hidden"].float(), again["hidden"].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_batches_anchor_inside_the_answer():
+    S, B = 30, 4
+    feat = {"tokens": torch.arange(S), "pred": torch.arange(S) + 1, "hidden": torch.zeros(S, 8), "start": 20}
+    c = TrainConfig(verifier="", corpus=[], out="", block_size=B, anchors=64)
+    anchors = make_batch(feat, c, mask_id=3, g=torch.Generator().manual_seed(0))[5]
+    assert anchors.min() >= 20 and anchors.max() <= S - B - 1
+
+
+def test_loss_over_a_vocabulary_subset(monkeypatch):
+    """Over every id the sampled softmax is the full one; over a subset the targets are always kept."""
+    from hybrid.drafters.train import block_logits_loss, loss_vocabulary
+
+    torch.manual_seed(0)
+    V, H, B = 50, 8, 3
+
+    h = torch.randn(2, B + 1, H)  # the drafter's output rows, fixed
+    monkeypatch.setattr("hybrid.drafters.train.blocks_forward", lambda *a, **k: h)
+    head = torch.nn.Linear(H, V, bias=False)
+    tgt = torch.tensor([[3, 7, 49], [0, 7, 12]])
+    masked = torch.tensor([[True, True, True], [False, True, True]])
+    batch = (None, None, tgt, torch.ones(2, B), masked, None)
+    full, acc_full = block_logits_loss(None, None, head, None, batch, B, None)
+    every, acc_every = block_logits_loss(None, None, head, None, batch, B, torch.arange(V))
+    torch.testing.assert_close(full, every)
+    assert acc_full == acc_every
+    few, _ = block_logits_loss(None, None, head, None, batch, B, torch.tensor([1, 2]))
+    assert few < full  # fewer competitors; still finite, with every target in the softmax
+    feats = [{"pred": torch.tensor([2, 2, 2, 5, 5, 5, 9, 9, 7]), "start": 3}]  # counted from position 3
+    assert loss_vocabulary(feats, 2).tolist() == [5, 9] and loss_vocabulary(feats, 0) is None
+
+
+def test_training_from_prompts_resumes_and_reports(tmp_path, model_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"ab{i} cd ab{i + 1}", "category": "code", "chat": False}) + "\n"
+                               for i in range(8)))
+    c = TrainConfig(verifier=str(model_dir), corpus=[], prompts=[str(prompts)], out=str(tmp_path / "sd"),
+                    block_size=4, holdout_chunks=2, anchors=4, steps=6, lr=3e-3, warmup=2, checkpoint_every=3,
+                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=64, dtype="float32", gen_tokens=12, gen_batch=3, loss_vocab=16)
+    r = train(c, progress=False)
+    assert r["heldout_teacher_forced_tau"] >= 1.0 and r["train_chunks"] >= 1
+    assert len(json.loads((tmp_path / "sd" / "holdout-prompts.json").read_text())) == 2
+    w = weights(tmp_path / "sd")
+    # the answers are cached: a second run from a checkpoint reuses them and ends on the same weights
+    train(replace(c, out=str(tmp_path / "sd2"), extra={"stop_after": 3}), progress=False)
+    train(replace(c, out=str(tmp_path / "sd2"), extra={"resume": True}), progress=False)
+    w2 = weights(tmp_path / "sd2")
+    assert all(torch.equal(w[k], w2[k]) for k in w)

@@ -18,6 +18,15 @@ steps learn to use committed tokens.
 
 Many anchors per chunk are trained at once: every block attends to the chunk's context keys
 before its anchor and to its own rows (one boolean mask), like DFlash's training.
+
+Self-distillation (`--prompts FILE.jsonl`, DFlash's recipe). The verifier answers each prompt greedily
+(batched `generate`) and the hidden states of that same pass are kept: every target is then on-policy,
+the exact text the drafter will face at inference (chat answers, maths, translations), and no second
+featurising pass is needed. Anchors start at the prompt's last token (``start``).
+
+Loss vocabulary (`loss_vocab`). The frozen head's full softmax (V = 151,936 for Qwen) costs about 8x
+the drafter's own layer per row on a CPU; the loss is taken over the `loss_vocab` tokens the verifier
+predicts most often in the training features, plus every target of the batch (a sampled softmax).
 """
 from __future__ import annotations
 
@@ -69,6 +78,12 @@ class TrainConfig:
     dtype: str = "bfloat16"  # verifier and autocast dtype
     eval_prompts: int = 4
     eval_tokens: int = 48
+    prompts: list[str] = field(default_factory=list)  # JSONL prompt files for self-distillation
+    gen_tokens: int = 128  # new tokens per self-distillation answer
+    gen_batch: int = 32  # answers generated at once
+    max_prompts: int | None = None
+    loss_vocab: int = 32768  # 0: full softmax
+    init: str | None = None  # start from this drafter folder's weights
     extra: dict = field(default_factory=dict)
 
 
@@ -151,6 +166,15 @@ def corpus_chunks(files: list[Path], tokenizer, seq_len: int, max_chunks: int, s
     return chunks
 
 
+def prompt_tokens(cfg: TrainConfig, verifier) -> list[list[int]]:
+    """The self-distillation prompts, encoded as the verifier sees them (chat template unless "chat": false)."""
+    from hybrid.bench import load_prompts
+
+    prompts = [p for f in cfg.prompts for p in load_prompts(f)]
+    random.Random(cfg.seed).shuffle(prompts)
+    return [verifier.encode(p.prompt, p.chat) for p in prompts[: cfg.max_prompts]]
+
+
 # -- features -------------------------------------------------------------------------------
 @torch.inference_mode()
 def featurise(verifier, layer_ids: list[int], chunk: list[int]) -> dict:
@@ -196,6 +220,73 @@ def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chu
     return feats
 
 
+@torch.inference_mode()
+def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], new_tokens: int) -> list[dict]:
+    """The verifier answers a batch of prompts greedily; per answer: tokens [S], the target layers' hidden
+    states [S, L*Ht] of that same pass, pred [S] (pred[i] = token i+1) and start = the prompt's last index."""
+    model, tok = verifier.model, verifier.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(verifier.eos_token_ids))
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):  # left padding
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    out = model.generate(input_ids=ids.to(verifier.device), attention_mask=mask.to(verifier.device),
+                         max_new_tokens=new_tokens, do_sample=False, output_hidden_states=True,
+                         return_dict_in_generate=True, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    seqs = out.sequences.cpu()  # [B, P + n]
+    steps = out.hidden_states  # per step: per layer (embeddings first) [B, s, Ht]
+    hidden = torch.cat([torch.cat([st[i + 1] for st in steps], 1) for i in sorted(layer_ids)], -1)  # [B, P+n-1, L*Ht]
+    feats = []
+    for b, p in enumerate(prompts):
+        gen = seqs[b, P:].tolist()
+        stop = next((j for j, t in enumerate(gen) if t in verifier.eos_token_ids), len(gen) - 1)
+        full = seqs[b, P - len(p): P + stop + 1]  # prompt + answer (through the first EOS)
+        n = len(full) - 1  # positions with a hidden state and a known next token
+        feats.append({"tokens": full[:n].clone(), "pred": full[1:].clone(), "start": len(p) - 1,
+                      "hidden": hidden[b, P - len(p): P - len(p) + n].to(torch.bfloat16).cpu().clone()})
+    return feats
+
+
+def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], prompts: list[list[int]],
+                              progress=True) -> list[dict]:
+    """Self-distillation features, generated in batches of similar prompt length and cached per batch."""
+    from tqdm import tqdm
+
+    cache = Path(cfg.out) / "generated"
+    cache.mkdir(parents=True, exist_ok=True)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
+    random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
+    feats = []
+    bar = tqdm(total=len(batches), desc="verifier answers", unit="batch", disable=not progress)
+    t0, done = time.perf_counter(), 0
+    for j, batch in enumerate(batches):
+        f = cache / f"{j:05d}.pt"
+        if f.exists():
+            got = torch.load(f)
+        else:
+            got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
+            torch.save(got, f)
+            done += sum(len(g["tokens"]) - g["start"] for g in got)
+        feats += got
+        bar.update(1)
+        bar.set_postfix(new_tok_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    return [f for f in feats if len(f["tokens"]) - cfg.block_size - 1 > f["start"]]
+
+
+def loss_vocabulary(feats: list[dict], size: int) -> torch.Tensor | None:
+    """The `size` tokens the verifier predicts most often at trainable positions (sorted ids), or None."""
+    if not size:
+        return None
+    preds = torch.cat([f["pred"][f.get("start", 1):] for f in feats])
+    counts = torch.bincount(preds)
+    top = counts.argsort(descending=True)[:size]
+    return top[counts[top] > 0].sort().values
+
+
 # -- batches --------------------------------------------------------------------------------
 def on_policy_rows(x: torch.Tensor, tgt: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """[nb, B] bool: block row k is on-policy while the corpus agrees with the verifier's predictions on
@@ -211,7 +302,7 @@ def make_batch(feat: dict, cfg: TrainConfig, mask_id: int, g: torch.Generator):
     x, t = feat["tokens"], feat["pred"]  # x [S]; t[i] predicts x[i+1]
     S, B = x.shape[0], cfg.block_size
     nb = cfg.anchors
-    anchors = torch.randint(1, S - B, (nb,), generator=g)  # context >= 1 position
+    anchors = torch.randint(int(feat.get("start", 1)), S - B, (nb,), generator=g)  # context >= 1 position
     k = torch.arange(1, B + 1)  # [B]
     tgt = t[anchors[:, None] + k[None] - 1]  # [nb, B]: verifier's prediction of position a+k
     on_policy = on_policy_rows(x, tgt, anchors)
@@ -248,16 +339,24 @@ def blocks_forward(drafter, embed, feat, ids, positions, anchors, B: int) -> tor
     return model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))
 
 
-def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int):
-    """Weighted cross-entropy of the masked rows; returns (loss, accuracy of masked rows)."""
+def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int, vocab: torch.Tensor | None = None):
+    """Weighted cross-entropy of the masked rows, over `vocab` (sorted ids) plus the batch's targets, or
+    the full vocabulary; returns (loss, accuracy of masked rows within that vocabulary)."""
     ids, positions, tgt, w, masked, anchors = batch
     h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)  # [nb, B+1, H]
     rows = h[:, 1:][masked]  # [m, H]
-    logits = head(rows).float()  # [m, V]
-    ce = F.cross_entropy(logits, tgt[masked], reduction="none")
+    target = tgt[masked]  # [m]
+    if vocab is None:
+        logits = head(rows).float()  # [m, V]
+    else:
+        vocab = torch.unique(torch.cat([vocab, target]))  # [V'] sorted
+        bias = None if head.bias is None else head.bias[vocab]
+        logits = F.linear(rows, head.weight[vocab], bias).float()  # [m, V']
+        target = torch.searchsorted(vocab, target)
+    ce = F.cross_entropy(logits, target, reduction="none")
     ww = w[masked]
     loss = (ce * ww).sum() / ww.sum()
-    acc = (logits.argmax(-1) == tgt[masked]).float().mean()
+    acc = (logits.argmax(-1) == target).float().mean()
     return loss, acc
 
 
@@ -288,11 +387,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     random.seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.corpus and not cfg.prompts:
+        raise UserError("nothing to train on: give --corpus PATH and/or --prompts FILE.jsonl")
     dtype = getattr(torch, cfg.dtype)
     verifier = HFVerifier.from_pretrained(cfg.verifier, dtype)
     for p in verifier.model.parameters():
         p.requires_grad_(False)
-    files = iter_corpus_files(cfg.corpus)
 
     drafter = DiffusionDrafter.for_verifier(
         verifier,
@@ -305,16 +405,34 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         max_steps=cfg.max_steps,
         target_layer_ids=cfg.target_layer_ids,
     )
+    if cfg.init:
+        init = DiffusionDrafter.load(cfg.init, verifier)
+        if init.capture_layers != drafter.capture_layers:
+            raise UserError(f"--init {cfg.init} reads verifier layers {init.capture_layers}, not {drafter.capture_layers}")
+        try:
+            drafter.model.load_state_dict(init.model.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"--init {cfg.init} has another architecture than the one asked for: {str(e).splitlines()[0]}")
     drafter.config.verifier = cfg.verifier
     drafter.model.float().train()
     layer_ids = drafter.capture_layers
 
-    chunks = corpus_chunks(files, verifier.tokenizer, cfg.seq_len, cfg.max_chunks + cfg.holdout_chunks, cfg.seed,
-                           cfg.chat_share)
-    if len(chunks) <= cfg.holdout_chunks:
-        raise UserError(f"corpus gives only {len(chunks)} chunks of {cfg.seq_len} tokens: add text or lower --seq-len")
-    feats = load_or_build_features(cfg, verifier, layer_ids, chunks, progress)
-    holdout, train_feats = feats[: cfg.holdout_chunks], feats[cfg.holdout_chunks :]
+    corpus_feats, gen_feats = [], []
+    if cfg.corpus:
+        chunks = corpus_chunks(iter_corpus_files(cfg.corpus), verifier.tokenizer, cfg.seq_len,
+                               cfg.max_chunks + cfg.holdout_chunks, cfg.seed, cfg.chat_share)
+        if len(chunks) <= cfg.holdout_chunks:
+            raise UserError(f"corpus gives only {len(chunks)} chunks of {cfg.seq_len} tokens: add text or lower --seq-len")
+        corpus_feats = load_or_build_features(cfg, verifier, layer_ids, chunks, progress)
+    if cfg.prompts:
+        gen_feats = load_or_generate_features(cfg, verifier, layer_ids, prompt_tokens(cfg, verifier), progress)
+        if len(gen_feats) <= cfg.holdout_chunks:
+            raise UserError(f"--prompts gave only {len(gen_feats)} usable answers: add prompts or raise --gen-tokens")
+    holdout = corpus_feats[: cfg.holdout_chunks] + gen_feats[: cfg.holdout_chunks]
+    train_feats = corpus_feats[cfg.holdout_chunks:] + gen_feats[cfg.holdout_chunks:]
+    (out / "holdout-prompts.json").write_text(json.dumps(
+        [f["tokens"][: f["start"] + 1 if "start" in f else min(128, cfg.seq_len // 2)].tolist() for f in holdout]))
+    vocab = loss_vocabulary(train_feats, cfg.loss_vocab)
 
     opt = torch.optim.AdamW(drafter.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -342,7 +460,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         feat = train_feats[order[step % len(order)]]
         batch = make_batch(feat, cfg, drafter.config.mask_token_id, g)
         with torch.autocast("cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32):
-            loss, acc = block_logits_loss(drafter, embed, head, feat, batch, cfg.block_size)
+            loss, acc = block_logits_loss(drafter, embed, head, feat, batch, cfg.block_size, vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.model.parameters(), 1.0)
@@ -361,7 +479,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     with torch.autocast("cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32):
         tau_tf = teacher_forced_acceptance(drafter, embed, head, holdout, cfg, torch.Generator().manual_seed(cfg.seed + 1))
     report = {"steps": cfg.steps, "final_loss_ema": loss_ema, "heldout_teacher_forced_tau": tau_tf,
-              "train_chunks": len(train_feats), "seq_len": cfg.seq_len}
+              "train_chunks": len(train_feats), "train_positions": sum(len(f["tokens"]) for f in train_feats),
+              "seq_len": cfg.seq_len}
     drafter.config.training = {**asdict(cfg), "report": report}
     save_drafter(drafter, out, verifier.dtype)
     (out / "history.jsonl").write_text("\n".join(json.dumps(h) for h in history))
@@ -394,8 +513,8 @@ def evaluate_engine(cfg: TrainConfig) -> dict:
     from hybrid.verifiers.hf import HFVerifier
 
     verifier = HFVerifier.from_pretrained(cfg.verifier, getattr(torch, cfg.dtype))
-    feats = [torch.load(Path(cfg.out) / "features" / f"{i:05d}.pt") for i in range(cfg.eval_prompts)]
-    prompts = [f["tokens"][: min(128, cfg.seq_len // 2)].tolist() for f in feats]
+    held = json.loads((Path(cfg.out) / "holdout-prompts.json").read_text())
+    prompts = held[-cfg.eval_prompts:]  # answers to prompts when there are any, else corpus text
     gen = GenerationConfig(max_new_tokens=cfg.eval_tokens, block_size=cfg.block_size, stop_on_eos=False)
     plain = Engine(verifier, None)
     ref = [plain.generate(p, gen).token_ids for p in prompts]
