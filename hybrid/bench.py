@@ -44,6 +44,7 @@ import torch
 from hybrid.errors import UserError
 
 METHODS = ("plain", "hybrid", "ngram", "hf-assisted", "hf-prompt-lookup")
+VLLM_METHODS = ("plain", "hybrid", "ngram", "draft-model")  # --backend vllm (hybrid/bench_vllm.py)
 ENGINE_METHODS = ("plain", "hybrid", "ngram")
 ALL = "all"  # the category name of the overall figures
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "prompts.jsonl"
@@ -105,15 +106,19 @@ def parse_block_sizes(text: str | None) -> tuple | None:
     return tuple(dict.fromkeys(out))
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    """`plain,ngram` -> ("plain", "ngram") in canonical order; unknown names are a UserError."""
+def parse_methods(text: str | None, backend: str = "transformers") -> tuple[str, ...]:
+    """`plain,ngram` -> ("plain", "ngram") in canonical order; None -> every method of the backend;
+    unknown names are a UserError."""
+    known = METHODS if backend == "transformers" else VLLM_METHODS
+    if text is None:
+        return known
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
-        raise UserError(f"--methods is empty: pick from {', '.join(METHODS)}")
-    bad = [m for m in names if m not in METHODS]
+        raise UserError(f"--methods is empty: pick from {', '.join(known)}")
+    bad = [m for m in names if m not in known]
     if bad:
-        raise UserError(f"unknown method {bad[0]!r}: pick from {', '.join(METHODS)}")
-    return tuple(m for m in METHODS if m in names)
+        raise UserError(f"unknown method {bad[0]!r} for the {backend} backend: pick from {', '.join(known)}")
+    return tuple(m for m in known if m in names)
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[BenchPrompt]:

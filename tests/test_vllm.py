@@ -289,3 +289,35 @@ def test_vllm_serve_streams_chat_with_our_drafter(models, tmp_path):
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+# -- hybrid bench --backend vllm -------------------------------------------------------------
+def test_bench_vllm_backend(models, tmp_path, monkeypatch):
+    """`hybrid bench --backend vllm` on the tiny bigram pair: every method runs in its own child engine,
+    greedy outputs equal plain vLLM's, and acceptance comes from vLLM's per-request metrics."""
+    from hybrid.bench import BenchConfig, VLLM_METHODS, format_report
+    from hybrid.bench_vllm import run_vllm_bench
+
+    monkeypatch.setenv("HYBRID_VLLM_KV_BYTES", str(1 << 26))
+    tok_chars = "abcdefghij klmnop"
+    rng = random.Random(5)
+    lines = [json.dumps({"prompt": "".join(rng.choice(tok_chars) for _ in range(8)), "category": c, "chat": False})
+             for c in ("code", "chat") for _ in range(2)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines))
+    cfg = BenchConfig(verifier=str(models / "bigram"), drafter=str(models / "bigram-drafter"),
+                      assistant=str(models / "bigram"), methods=VLLM_METHODS, prompts=str(tmp_path / "p.jsonl"),
+                      max_new_tokens=NEW, block_size=K, dtype=torch.float32)
+    r = run_vllm_bench(cfg, progress=False)
+    print(format_report(r))
+    assert list(r.stats) == ["plain", "hybrid", "ngram", "draft-model"] and r.categories == ["code", "chat"]
+    for m, cats in r.stats.items():
+        assert cats["all"].prompts == 4 and cats["all"].new_tokens == 4 * NEW
+        if m != "plain":
+            assert cats["all"].identical_to_plain, r.mismatches
+            assert set(cats["all"].block_sizes) <= {0, 1, 2, 3, K}
+    assert r.stats["draft-model"]["all"].mean_acceptance_length == K + 1  # the verifier drafting for itself
+    hybrid = r.stats["hybrid"]["all"]
+    assert hybrid.mean_acceptance_length > 1.5 and len(hybrid.acceptance_per_position) == K
+    runs = [x for x in r.runs if x.method == "hybrid"]
+    assert all(sum(x.committed_per_round) >= NEW - 1 for x in runs)  # one commit per vLLM verify step
+    assert r.config["backend"] == "vllm" and r.config["draft_tokens"] == [K]

@@ -11,10 +11,11 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 
 
 def shipped_drafter(verifier) -> Path | None:
-    """The block-diffusion drafter shipped with hybrid for this verifier, if there is one."""
+    """The block-diffusion drafter shipped with hybrid for this verifier (a verifier or its spec), if any."""
     from hybrid.demo import resolve_model
 
-    name = Path(str(resolve_model(verifier.name_or_path)).rstrip("/")).name if verifier.name_or_path else ""
+    spec = verifier if isinstance(verifier, str) else verifier.name_or_path
+    name = Path(str(resolve_model(spec)).rstrip("/")).name if spec else ""
     path = ASSETS / name.lower()
     return path if name and (path / "config.json").is_file() else None
 

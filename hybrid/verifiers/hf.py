@@ -213,21 +213,31 @@ class HFVerifier:
 
     # -- tokenizer helpers ----------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
-        if chat:
-            return self.encode_messages([{"role": "user", "content": text}])
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode_prompt(self.tokenizer, text, chat)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UserError("chat needs a tokenizer with a chat template; this verifier has none (use --no-chat)")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
-            raise UserError(f"the chat template rejects these messages: {e}") from e
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_messages(self.tokenizer, messages)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt: as the user's turn in the chat template, or raw text (completion)."""
+    if chat:
+        return encode_messages(tokenizer, [{"role": "user", "content": text}])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation in the tokenizer's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("chat needs a tokenizer with a chat template; this verifier has none (use --no-chat)")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
+        raise UserError(f"the chat template rejects these messages: {e}") from e
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
