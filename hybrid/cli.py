@@ -104,6 +104,8 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
 @click.option("--gen-tokens", type=int, default=128, show_default=True, help="New tokens per answer to --prompts.")
 @click.option("--gen-batch", type=int, default=32, show_default=True, help="Answers generated at once.")
 @click.option("--max-prompts", type=int, default=None, help="Use at most N of the --prompts (shuffled with --seed).")
+@click.option("--gen-batches", type=int, default=None,
+              help="Answer at most N batches of prompts (a fixed order; cached answers of a longer run are reused).")
 @click.option("--loss-vocab", type=int, default=32768, show_default=True,
               help="Tokens in the training softmax: the verifier's most frequent predictions plus each batch's targets (0: all).")
 @click.option("--init", default=None, metavar="DRAFTER_DIR", help="Start from this drafter's weights (same architecture).")
@@ -124,7 +126,7 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, max_prompts, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
     """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
     answers to prompts."""
@@ -137,7 +139,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, max_prompts,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, dtype="bfloat16" if dtype == "auto" else dtype,
         eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch,
-        max_prompts=max_prompts, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
+        max_prompts=max_prompts, gen_batches=gen_batches, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
     )
     report = train(cfg)
     click.echo(f"held-out mean acceptance length (teacher forced, one step, block {block_size}): "

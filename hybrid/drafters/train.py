@@ -82,6 +82,7 @@ class TrainConfig:
     gen_tokens: int = 128  # new tokens per self-distillation answer
     gen_batch: int = 32  # answers generated at once
     max_prompts: int | None = None
+    gen_batches: int | None = None  # answer at most this many batches (the first ones of the fixed batch order)
     loss_vocab: int = 32768  # 0: full softmax
     init: str | None = None  # start from this drafter folder's weights
     extra: dict = field(default_factory=dict)
@@ -259,14 +260,16 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
     random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
+    batches = batches[: cfg.gen_batches]
     feats = []
     bar = tqdm(total=len(batches), desc="verifier answers", unit="batch", disable=not progress)
     t0, done = time.perf_counter(), 0
     for j, batch in enumerate(batches):
         f = cache / f"{j:05d}.pt"
-        if f.exists():
-            got = torch.load(f)
-        else:
+        got = torch.load(f) if f.exists() else None
+        if got is not None and [g["tokens"][: g["start"] + 1].tolist() for g in got] != [prompts[i] for i in batch]:
+            got = None  # cached for other prompts or settings: answer again
+        if got is None:
             got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
             torch.save(got, f)
             done += sum(len(g["tokens"]) - g["start"] for g in got)
