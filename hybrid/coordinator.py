@@ -15,6 +15,12 @@ estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the 
 Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
 properties of the machine, not of the text). With probability `explore` a round tries a random size,
 so no size starves forever.
+
+Plain rounds. With `allow_plain` (the engine's default) B = 0 is a candidate too: a round with no draft
+commits exactly one token for v(0) seconds, so when no block is expected to pay for its drafting and
+its longer verification (a poor drafter, a text it cannot guess) the sequence decodes plainly and loses
+only the exploration rounds, which keep measuring acceptance so drafting resumes when it pays again.
+Without it, B stays in [1, max].
 """
 from __future__ import annotations
 
@@ -77,6 +83,7 @@ class Coordinator:
     explore: float = 0.05
     prior_strength: float = 2.0
     seed: int = 0
+    allow_plain: bool = False  # B = 0 (no draft) is a candidate when drafting does not pay
     _acc: dict = field(default_factory=dict)  # T -> (reached [Bmax], accepted [Bmax]) decayed counts
     _rng: random.Random = field(init=False)
 
@@ -109,22 +116,22 @@ class Coordinator:
         return tau
 
     def rate(self, block_size: int, steps: int = 1) -> float:
-        """Expected committed tokens per second."""
+        """Expected committed tokens per second (block size 0: a plain round, one token)."""
         return self.expected_tau(block_size, steps) / self.costs.seconds(block_size, steps)
 
     def best(self) -> tuple[int, int]:
-        return max(
-            ((b, t) for t in self.step_options for b in range(1, self.max_block_size + 1) if t <= b),
-            key=lambda bt: self.rate(*bt),
-        )
+        options = [(b, t) for t in self.step_options for b in range(1, self.max_block_size + 1) if t <= b]
+        return max(options + [(0, 0)] * self.allow_plain, key=lambda bt: self.rate(*bt))
 
     def next(self, limit: int | None = None) -> tuple[int, int]:
-        """The next (block size, steps), block size in [1, min(max, limit)]."""
+        """The next (block size, steps): block size in [1, min(max, limit)], or 0 (steps 0) with allow_plain."""
         top = self.max_block_size if limit is None else max(1, min(self.max_block_size, limit))
         if self._rng.random() < self.explore:
             b = self._rng.randint(1, top)
             return b, self._rng.choice([t for t in self.step_options if t <= b])
         b, t = self.best()
+        if b == 0:
+            return 0, 0
         return min(b, top), min(t, min(b, top))
 
     def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float) -> None:

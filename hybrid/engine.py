@@ -143,7 +143,8 @@ class Engine:
         if cfg.block_size != "auto" or self.drafter is None:
             return FixedSchedule(0 if cfg.block_size == "auto" else cfg.block_size, steps)
         max_steps = self.drafter.max_steps if cfg.steps == "auto" else steps
-        return Coordinator(self.drafter.max_block_size, max_steps, costs=self.costs, seed=cfg.seed or 0)
+        return Coordinator(self.drafter.max_block_size, max_steps, costs=self.costs, seed=cfg.seed or 0,
+                           allow_plain=True)
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
                schedule=None) -> Iterator[StreamEvent]:

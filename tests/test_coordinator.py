@@ -31,6 +31,11 @@ def simulate(coord, alpha_at, rounds, rng):
     chosen = []
     for r in range(rounds):
         b, t = coord.next()
+        if b == 0 and coord.allow_plain:
+            assert t == 0
+            coord.observe(0, 0, 0, 0.0, verify_cost(0))
+            chosen.append(0)
+            continue
         assert 1 <= b <= MAX_B and 1 <= t <= b
         alpha = alpha_at(r) if alpha_at.__code__.co_argcount == 1 else alpha_at(r, t)
         accepted = 0
@@ -97,3 +102,20 @@ def test_chooses_more_denoising_steps_when_they_pay():
         coord.observe(b, t, acc, draft_cost(b, t), verify_cost(b))
         chosen_t.append(t)
     assert Counter(chosen_t[200:]).most_common(1)[0][0] == 2
+
+
+def test_plain_rounds_when_no_block_pays_and_drafting_resumes_when_it_does():
+    """With allow_plain, B = 0 is chosen while acceptance is too low for any block to beat a plain round
+    (alpha 0.05 here: every block costs more than the tokens it adds), exploration keeps measuring, and
+    blocks return when acceptance rises. Sizes stay in [0, max]."""
+    plain_rate = 1 / verify_cost(0)
+    assert all(analytic_rate(0.05, b) < plain_rate for b in range(1, MAX_B + 1))
+    coord = Coordinator(MAX_B, seed=9, allow_plain=True)
+    chosen = simulate(coord, lambda r: 0.05 if r < 300 else 0.9, 800, random.Random(10))
+    assert Counter(chosen[100:300]).most_common(1)[0][0] == 0
+    assert 0.85 < chosen[100:300].count(0) / 200 < 1  # exploration rounds still draft
+    assert Counter(chosen[600:]).most_common(1)[0][0] in near_best(0.9)
+    assert all(0 <= b <= MAX_B for b in chosen)
+    assert all(b == 0 or 1 <= b <= 4 for b in [coord.next(limit=4)[0] for _ in range(200)])
+    # without it (the dataclass default) the same text never gets a plain round
+    assert 0 not in simulate(Coordinator(MAX_B, seed=9), lambda r: 0.05, 300, random.Random(10))

@@ -185,3 +185,16 @@ def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
     r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False))  # block size auto
     assert r.token_ids == ref
     assert sum(r.block_sizes.values()) == r.rounds and max(r.block_sizes) > 4  # perfect drafter: grows the block
+
+
+def test_auto_decodes_plainly_when_no_block_pays():
+    """A drafter that is almost never right, and a verifier whose pass costs much more per extra token: the
+    coordinator's plain rounds (block size 0) take over, and the output is still plain greedy decoding."""
+    v = make_verifier("qwen3")
+    ref = greedy_reference(v, PROMPT, N)
+    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=5)), num_pages=16, page_size=8)
+    observe = engine.costs.observe
+    engine.costs.observe = lambda b, t, d, vs: observe(b, t, 0.01 * t * (b + 1), 0.05 + 0.02 * b)
+    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False))  # block size auto
+    assert r.token_ids == ref
+    assert r.block_sizes.get(0, 0) > r.rounds / 2, r.block_sizes

@@ -233,12 +233,20 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
     for b, p in enumerate(prompts):  # left padding
         ids[b, P - len(p):] = torch.tensor(p)
         mask[b, P - len(p):] = 1
-    out = model.generate(input_ids=ids.to(verifier.device), attention_mask=mask.to(verifier.device),
-                         max_new_tokens=new_tokens, do_sample=False, output_hidden_states=True,
-                         return_dict_in_generate=True, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-    seqs = out.sequences.cpu()  # [B, P + n]
-    steps = out.hidden_states  # per step: per layer (embeddings first) [B, s, Ht]
-    hidden = torch.cat([torch.cat([st[i + 1] for st in steps], 1) for i in sorted(layer_ids)], -1)  # [B, P+n-1, L*Ht]
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layer_ids}  # per layer: [B, s, Ht] per forward
+    hooks = [  # only the target layers are kept (output_hidden_states would hold every layer of every step)
+        verifier.body.layers[i].register_forward_hook(
+            lambda m, a, o, i=i: captured[i].append((o[0] if isinstance(o, tuple) else o).to(torch.bfloat16)))
+        for i in layer_ids
+    ]
+    try:
+        seqs = model.generate(input_ids=ids.to(verifier.device), attention_mask=mask.to(verifier.device),
+                              max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                              temperature=None, top_p=None, top_k=None).cpu()  # [B, P + n]
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden = torch.cat([torch.cat(captured[i], 1) for i in sorted(layer_ids)], -1)  # [B, P+n-1, L*Ht]
     feats = []
     for b, p in enumerate(prompts):
         gen = seqs[b, P:].tolist()
