@@ -149,8 +149,9 @@ def _child(job: VllmJob, workdir: Path, bar) -> list:
             while proc.poll() is None:
                 time.sleep(0.5)
                 n = sum(1 for _ in open(out_file)) if out_file.exists() else 0
-                bar.update(n - done)
-                done = n
+                if n > done:
+                    bar.update(n - done)
+                    done = n
         except BaseException:
             proc.kill()
             raise
@@ -158,7 +159,8 @@ def _child(job: VllmJob, workdir: Path, bar) -> list:
         tail = log_file.read_text(errors="replace").strip().splitlines()[-15:]
         raise UserError(f"vLLM engine for {job.label} failed (exit {proc.returncode}); its log ends:\n" + "\n".join(tail))
     runs = [PromptRun(**json.loads(line)) for line in out_file.read_text().splitlines()]
-    bar.update(len(runs) - done)
+    if len(runs) > done:
+        bar.update(len(runs) - done)
     return runs
 
 
