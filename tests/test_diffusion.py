@@ -83,3 +83,44 @@ def test_multi_step_commits_confident_positions_and_fills_the_block():
     for steps in (1, 2, 4, 8):
         draft = run_draft(v, d, [5, 9, 14, 20], 8, steps)
         assert draft.tokens.shape == (8,) and d.config.mask_token_id not in draft.tokens.tolist()
+
+
+def test_draft_vocabulary_restricts_proposals_and_stays_lossless(tmp_path):
+    """A drafter with a draft vocabulary proposes only those ids (greedy: the argmax among them; sampled:
+    q is zero elsewhere and sums to 1), survives save/load, and greedy decoding with it is plain greedy."""
+    from conftest import greedy_reference
+
+    from hybrid.acceptance import SamplingParams
+    from hybrid.engine import Engine, GenerationConfig
+
+    v = make_verifier("qwen3")
+    d = drafter_for(v)
+    full = drafter_for(v)
+    vocab = torch.arange(10, 60, 3)
+    d.set_draft_vocab(vocab)
+    h = torch.randn(5, v.hidden_size)
+    logits = full.draft_logits(h)
+    torch.testing.assert_close(d.draft_logits(h), logits[:, vocab])
+    d.save(tmp_path)
+    d2 = DiffusionDrafter.load(tmp_path, v)
+    assert torch.equal(d2.draft_vocab, vocab)
+
+    greedy = run_draft(v, d2, [5, 6, 7, 8], 6, 2)
+    assert set(greedy.tokens.tolist()) <= set(vocab.tolist()) and greedy.q is None
+    d2.config.draft_sampling = "sample"
+    pool = PagePool(16, 4)
+    v.attach(pool)
+    d2.attach(pool, v)
+    ctx = Context([5, 6, 7, 8], pool.new_sequence())
+    d2.observe(ctx, v.prefill(ctx.seq, torch.tensor(ctx.tokens[:-1])), 0)
+    sampled = d2.propose(ctx, 6, 1, (SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)))
+    assert set(sampled.tokens.tolist()) <= set(vocab.tolist())
+    outside = torch.ones(sampled.q.shape[1], dtype=torch.bool)
+    outside[vocab] = False
+    assert (sampled.q[:, outside] == 0).all() and torch.allclose(sampled.q.sum(-1), torch.ones(6))
+    v.set_capture_layers([])
+
+    ref = greedy_reference(v, [5, 40, 41, 42, 9], 24)
+    r = Engine(v, DiffusionDrafter.load(tmp_path, v)).generate([5, 40, 41, 42, 9], GenerationConfig(
+        max_new_tokens=24, block_size=4, stop_on_eos=False))
+    assert r.token_ids == ref

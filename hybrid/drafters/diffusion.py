@@ -208,6 +208,9 @@ def unmask_schedule(block_size: int, steps: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids the drafter proposes from
+
+
 class DiffusionDrafter:
     """The block-diffusion drafter bound to a verifier (its embedding, head and page pool)."""
 
@@ -223,6 +226,12 @@ class DiffusionDrafter:
         self.pool = None
         self.embed = None
         self.head = None
+        # Draft vocabulary: sorted token ids [V'] the drafter proposes from (None: all V). Its rows of the
+        # verifier's head are copied at bind(): a V' x H matmul per row instead of V x H (the head is most
+        # of a one-layer drafter's cost on a CPU). Lossless either way: greedy drafts are checked by the
+        # verifier, sampled drafts carry q (zero outside the vocabulary) into the rejection sampler.
+        self.draft_vocab: torch.Tensor | None = None
+        self._head_weight = self._head_bias = None
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -231,6 +240,11 @@ class DiffusionDrafter:
         (path / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        vocab_file = path / DRAFT_VOCAB_FILE
+        if self.draft_vocab is not None:
+            save_file({"ids": self.draft_vocab.to(torch.int32).cpu().contiguous()}, str(vocab_file))
+        elif vocab_file.exists():
+            vocab_file.unlink()
 
     @classmethod
     def load(cls, path: str | Path, verifier=None) -> "DiffusionDrafter":
@@ -243,6 +257,11 @@ class DiffusionDrafter:
         model = DFlashModel(config)
         model.load_state_dict(state)
         drafter = cls(config, model)
+        if (path / DRAFT_VOCAB_FILE).is_file():
+            ids = load_file(str(path / DRAFT_VOCAB_FILE))["ids"].long()
+            if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
+                raise UserError(f"{path / DRAFT_VOCAB_FILE}: not a list of token ids below {config.vocab_size}")
+            drafter.draft_vocab = ids.unique()
         if verifier is not None:
             drafter.bind(verifier)
         return drafter
@@ -286,6 +305,23 @@ class DiffusionDrafter:
         self.embed = verifier.model.get_input_embeddings()
         self.head = verifier.head
         self.model.to(device=verifier.device, dtype=verifier.dtype)
+        self.set_draft_vocab(self.draft_vocab)
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Propose only from these token ids (None: the whole vocabulary)."""
+        self.draft_vocab = None if ids is None else ids.detach().long().unique().cpu()  # sorted
+        self._head_weight = self._head_bias = None
+        if self.draft_vocab is not None and self.head is not None:
+            rows = self.draft_vocab.to(self.head.weight.device)
+            self._head_weight = self.head.weight.detach()[rows].contiguous()  # [V', H]
+            if self.head.bias is not None:
+                self._head_bias = self.head.bias.detach()[rows]
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, H] -> [B, V'] logits over the draft vocabulary (V' = V without one)."""
+        if self._head_weight is None:
+            return self.head(h).float()
+        return F.linear(h, self._head_weight, self._head_bias).float()
 
     # -- Drafter protocol -----------------------------------------------------------------
     def attach(self, pool, verifier) -> None:
@@ -321,20 +357,24 @@ class DiffusionDrafter:
         positions = torch.arange(n - 1, n + block_size, device=device)  # [B+1]
         masked = torch.ones(block_size, dtype=torch.bool, device=device)  # [B]
         q = None if params.greedy or c.draft_sampling == "argmax" else torch.zeros(block_size, self.head.weight.shape[0], device=device)
+        vocab = None if self.draft_vocab is None else self.draft_vocab.to(device)  # [V']
         for k in unmask_schedule(block_size, steps):
             h = self.model(self.embed(ids), positions, ctx_kv)  # [B+1, H]
-            logits = self.head(h[1:]).float()  # [B, V]
+            logits = self.draft_logits(h[1:])  # [B, V'] (V' = V without a draft vocabulary)
             if q is None:
                 probs = torch.softmax(logits, -1)
                 conf, tok = probs.max(-1)  # [B]
             else:
-                probs = warp(logits, params)  # [B, V]
+                probs = warp(logits, params)  # [B, V']
                 tok = sample(probs, generator)  # [B]
                 conf = probs.gather(-1, tok[:, None])[:, 0]
             conf = conf.masked_fill(~masked, -1.0)
             pick = conf.topk(k).indices  # the k most confident masked positions
-            ids[1 + pick] = tok[pick]
+            ids[1 + pick] = tok[pick] if vocab is None else vocab[tok[pick]]
             if q is not None:
-                q[pick] = probs[pick]
+                if vocab is None:
+                    q[pick] = probs[pick]
+                else:
+                    q[pick[:, None], vocab[None]] = probs[pick]  # zero outside the draft vocabulary
             masked[pick] = False
         return Draft(ids[1:].clone(), q)

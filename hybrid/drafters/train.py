@@ -26,7 +26,9 @@ featurising pass is needed. Anchors start at the prompt's last token (``start``)
 
 Loss vocabulary (`loss_vocab`). The frozen head's full softmax (V = 151,936 for Qwen) costs about 8x
 the drafter's own layer per row on a CPU; the loss is taken over the `loss_vocab` tokens the verifier
-predicts most often in the training features, plus every target of the batch (a sampled softmax).
+predicts most often in the training features, plus every target of the batch (a sampled softmax). The
+drafter is saved with that vocabulary (draft_vocab.safetensors) and drafts from it: the same saving at
+inference, and lossless since the verifier checks every draft token.
 """
 from __future__ import annotations
 
@@ -381,7 +383,9 @@ def teacher_forced_acceptance(drafter, embed, head, feats, cfg: TrainConfig, g: 
         one_step = replace(cfg, partial_mask_share=0.0)  # all-mask blocks: the one-step draft
         ids, positions, tgt, w, masked, anchors = make_batch(feat, one_step, drafter.config.mask_token_id, g)
         h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)
-        draft = head(h[:, 1:]).argmax(-1)  # [nb, B]
+        draft = drafter.draft_logits(h[:, 1:]).argmax(-1)  # [nb, B] indices into the draft vocabulary
+        if drafter.draft_vocab is not None:
+            draft = drafter.draft_vocab[draft]
         known = on_policy_rows(feat["tokens"], tgt, anchors)
         ok = ((draft == tgt) & known).int().cumprod(1).sum(1)  # accepted draft tokens
         taus += (ok + 1).tolist()
@@ -444,6 +448,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     (out / "holdout-prompts.json").write_text(json.dumps(
         [f["tokens"][: f["start"] + 1 if "start" in f else min(128, cfg.seq_len // 2)].tolist() for f in holdout]))
     vocab = loss_vocabulary(train_feats, cfg.loss_vocab)
+    drafter.set_draft_vocab(vocab)  # it also drafts from the tokens it was trained to tell apart
 
     opt = torch.optim.AdamW(drafter.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
