@@ -251,6 +251,9 @@ def export_vllm_cmd(drafter_dir, out_dir, dtype, steps, overwrite, as_json):
     spec = json.dumps(info["speculative_config"])
     click.echo(f"wrote {info['out']} ({info['architecture']}, {info['dtype']}, {info['parameters']:,} parameters, "
                f"{info['denoising_steps']} denoising step(s), trained block size {info['block_size']})")
+    if info["draft_vocabulary_dropped"]:
+        click.echo("note: vLLM drafts from the target's whole vocabulary; the drafter's draft vocabulary "
+                   "(draft_vocab.safetensors) is not used there")
     verifier = info["verifier"] if info["verifier"] and not info["verifier"].startswith("demo:") else "TARGET_MODEL_FOLDER"
     click.echo(f"serve it: vllm serve {verifier} --speculative-config '{spec}'")
 

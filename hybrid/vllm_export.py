@@ -154,4 +154,7 @@ def export_vllm(drafter_dir: str | Path, out_dir: str | Path, dtype: str = "auto
         "parameters": sum(t.numel() for t in state.values()),
         "verifier": cfg["hybrid_drafter"].get("verifier", ""),
         "speculative_config": {"method": "dflash", "model": str(out.resolve()), "num_speculative_tokens": max_block},
+        # vLLM's DFlash proposer takes the argmax over the target's whole head: a draft vocabulary of ours
+        # (draft_vocab.safetensors) is not carried over, so drafts there may differ slightly from our engine's
+        "draft_vocabulary_dropped": (src / "draft_vocab.safetensors").is_file(),
     }

@@ -108,7 +108,8 @@ def models(tmp_path_factory):
         verifier=str(bigram), corpus=[str(bigram_corpus(bigram, root / "corpus"))], out=str(root / "bigram-drafter"),
         block_size=K, seq_len=64, max_chunks=24, holdout_chunks=2, anchors=16, steps=60, lr=3e-3, warmup=10,
         checkpoint_every=10**6, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        intermediate_size=256, dtype="float32", chat_share=0.0, eval_prompts=0), progress=False)
+        intermediate_size=256, dtype="float32", chat_share=0.0, eval_prompts=0,
+        loss_vocab=0), progress=False)  # full vocabulary: vLLM drafts from all of it, so both sides do
     export_vllm(root / "bigram-drafter", root / "bigram-drafter-vllm")
     export_vllm(root / "bigram-drafter", root / "bigram-drafter-vllm-2steps", steps=2)
     print(f"\nmodels built and drafter trained in {time.perf_counter() - t0:.1f} s: {report}")
