@@ -14,7 +14,9 @@ the estimate within tens of rounds. A position with few observations leans on it
 estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the tail seen so far.
 Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
 properties of the machine, not of the text). With probability `explore` a round tries a random size,
-so no size starves forever.
+so no size starves forever. A new sequence's estimates start from the engine's shared counts (`shared`,
+decaying over a few hundred rounds of all sequences) rather than a flat prior, so short requests do not
+spend their few rounds relearning what the drafter is worth.
 
 Plain rounds. With `allow_plain` (the engine's default) B = 0 is a candidate too: a round with no draft
 commits exactly one token for v(0) seconds, so when no block is expected to pay for its drafting and
@@ -73,6 +75,44 @@ class CostModel:
 
 
 @dataclass
+class AcceptanceCounts:
+    """Decayed per-position counts, per step count T: a round that accepted a of B draft tokens reached
+    positions 1..min(a+1, B) and accepted positions 1..a. Every observed round decays all counts."""
+
+    max_block_size: int
+    decay: float
+    prior_strength: float = 2.0
+    counts: dict = field(default_factory=dict)  # T -> (reached [Bmax], accepted [Bmax])
+
+    def get(self, steps: int):
+        if steps not in self.counts:
+            self.counts[steps] = ([0.0] * self.max_block_size, [0.0] * self.max_block_size)
+        return self.counts[steps]
+
+    def observe(self, block_size: int, steps: int, accepted: int) -> None:
+        for counts in self.counts.values():
+            for c in counts:
+                for i in range(len(c)):
+                    c[i] *= self.decay
+        reached, acc = self.get(steps)
+        for i in range(min(accepted + 1, block_size)):
+            reached[i] += 1
+            if i < accepted:
+                acc[i] += 1
+
+    def means(self, steps: int, priors: list[float] | None = None) -> list[float]:
+        """Posterior mean acceptance per position: counts plus `prior_strength` pseudo-rounds at the prior,
+        which is priors[i] if given, else the previous position's mean (0.6 before position 1)."""
+        reached, accepted = self.get(steps)
+        out, prev = [], 0.6
+        for i, (r, a) in enumerate(zip(reached, accepted)):
+            prior = priors[i] if priors is not None else prev
+            prev = (a + self.prior_strength * prior) / (r + self.prior_strength)
+            out.append(prev)
+        return out
+
+
+@dataclass
 class Coordinator:
     """Per-sequence choice of (block size, steps). Call `next()` before a round, `observe()` after it."""
 
@@ -84,29 +124,24 @@ class Coordinator:
     prior_strength: float = 2.0
     seed: int = 0
     allow_plain: bool = False  # B = 0 (no draft) is a candidate when drafting does not pay
-    _acc: dict = field(default_factory=dict)  # T -> (reached [Bmax], accepted [Bmax]) decayed counts
+    # engine-wide counts (slow decay) that a new sequence starts from instead of a flat prior; None: per sequence only
+    shared: AcceptanceCounts | None = None
+    _acc: AcceptanceCounts = field(init=False)
     _rng: random.Random = field(init=False)
 
     def __post_init__(self):
         if self.max_block_size < 1:
             raise ValueError("max_block_size must be >= 1")
         self._rng = random.Random(self.seed)
+        self._acc = AcceptanceCounts(self.max_block_size, self.decay, self.prior_strength)
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
-
-    def _counts(self, steps: int):
-        if steps not in self._acc:
-            self._acc[steps] = ([0.0] * self.max_block_size, [0.0] * self.max_block_size)
-        return self._acc[steps]
 
     def alphas(self, steps: int = 1) -> list[float]:
         """Posterior mean acceptance per position (conditional on the previous ones)."""
-        reached, accepted = self._counts(steps)
-        out, prior = [], 0.6
-        for r, a in zip(reached, accepted):
-            mean = (a + self.prior_strength * prior) / (r + self.prior_strength)
-            out.append(mean)
-            prior = mean
-        return out
+        priors = None if self.shared is None else self.shared.means(steps)[: self.max_block_size]
+        if priors is not None and len(priors) < self.max_block_size:
+            priors += [priors[-1] if priors else 0.6] * (self.max_block_size - len(priors))
+        return self._acc.means(steps, priors)
 
     def expected_tau(self, block_size: int, steps: int = 1) -> float:
         tau, run = 1.0, 1.0
@@ -139,15 +174,9 @@ class Coordinator:
         self.costs.observe(block_size, steps, draft_s, verify_s)
         if block_size <= 0:
             return
-        for counts in self._acc.values():
-            for c in counts:
-                for i in range(len(c)):
-                    c[i] *= self.decay
-        reached, acc = self._counts(steps)
-        for i in range(min(accepted + 1, block_size)):
-            reached[i] += 1
-            if i < accepted:
-                acc[i] += 1
+        self._acc.observe(block_size, steps, accepted)
+        if self.shared is not None:
+            self.shared.observe(block_size, steps, accepted)
 
     def __call__(self, ctx) -> tuple[int, int]:
         return self.next()

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from hybrid.acceptance import SamplingParams
-from hybrid.coordinator import Coordinator, CostModel
+from hybrid.coordinator import AcceptanceCounts, Coordinator, CostModel
 from hybrid.errors import UserError
 from hybrid.loop import FixedSchedule, LoopConfig, Round, speculative_decode
 from hybrid.pages import PagePool
@@ -97,6 +97,7 @@ class Engine:
             num_pages = -(-(min(verifier.max_context, 8192) + 64) // page_size)
         self.pool = PagePool(num_pages, page_size, verifier.device)
         self.costs = CostModel()  # draft/verify timings, shared by the coordinators of all requests
+        self.acceptance = None  # engine-wide acceptance counts the coordinators start from (made on first use)
         verifier.attach(self.pool)
         if drafter is not None:
             drafter.attach(self.pool, verifier)
@@ -143,8 +144,10 @@ class Engine:
         if cfg.block_size != "auto" or self.drafter is None:
             return FixedSchedule(0 if cfg.block_size == "auto" else cfg.block_size, steps)
         max_steps = self.drafter.max_steps if cfg.steps == "auto" else steps
+        if self.acceptance is None or self.acceptance.max_block_size != self.drafter.max_block_size:
+            self.acceptance = AcceptanceCounts(self.drafter.max_block_size, decay=0.995)
         return Coordinator(self.drafter.max_block_size, max_steps, costs=self.costs, seed=cfg.seed or 0,
-                           allow_plain=True)
+                           allow_plain=True, shared=self.acceptance)
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
                schedule=None) -> Iterator[StreamEvent]:

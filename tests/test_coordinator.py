@@ -84,7 +84,7 @@ def test_state_is_per_sequence_costs_are_shared():
 
 def test_expected_tau_formula():
     c = Coordinator(4)
-    c._acc[1] = ([1e9] * 4, [0.5e9] * 4)  # alpha = 0.5 everywhere, certain
+    c._acc.counts[1] = ([1e9] * 4, [0.5e9] * 4)  # alpha = 0.5 everywhere, certain
     assert c.expected_tau(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
 
 
@@ -119,3 +119,19 @@ def test_plain_rounds_when_no_block_pays_and_drafting_resumes_when_it_does():
     assert all(b == 0 or 1 <= b <= 4 for b in [coord.next(limit=4)[0] for _ in range(200)])
     # without it (the dataclass default) the same text never gets a plain round
     assert 0 not in simulate(Coordinator(MAX_B, seed=9), lambda r: 0.05, 300, random.Random(10))
+
+
+def test_a_new_sequence_starts_from_the_engines_shared_acceptance():
+    """Sequences sharing engine-wide counts: the second starts near the acceptance the first measured (and
+    picks the size that suits it from its first round), while its own counts stay its own."""
+    from hybrid.coordinator import AcceptanceCounts
+
+    shared = AcceptanceCounts(MAX_B, decay=0.995)
+    costs = CostModel()
+    first = Coordinator(MAX_B, costs=costs, seed=0, shared=shared)
+    simulate(first, lambda r: 0.3, 300, random.Random(11))
+    second = Coordinator(MAX_B, costs=costs, seed=1, explore=0.0, shared=shared)
+    assert second.alphas()[0] == pytest.approx(0.3, abs=0.08)
+    assert second.next()[0] in near_best(0.3, tolerance=0.9)
+    assert sum(second._acc.get(1)[0]) == 0  # nothing observed by the second sequence itself yet
+    assert Coordinator(MAX_B, costs=costs, seed=1).alphas()[0] == pytest.approx(0.6)  # no sharing: flat prior

@@ -126,6 +126,7 @@ def test_loss_over_a_vocabulary_subset(monkeypatch):
     assert few < full  # fewer competitors; still finite, with every target in the softmax
     feats = [{"pred": torch.tensor([2, 2, 2, 5, 5, 5, 9, 9, 7]), "start": 3}]  # counted from position 3
     assert loss_vocabulary(feats, 2).tolist() == [5, 9] and loss_vocabulary(feats, 0) is None
+    assert loss_vocabulary(feats, 5, vocab_size=12).tolist() == [0, 1, 5, 7, 9]  # then the lowest unseen ids
 
 
 def test_training_from_prompts_resumes_and_reports(tmp_path, model_dir):

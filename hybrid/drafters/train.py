@@ -290,14 +290,17 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     return [f for f in feats if len(f["tokens"]) - cfg.block_size - 1 > f["start"]]
 
 
-def loss_vocabulary(feats: list[dict], size: int) -> torch.Tensor | None:
-    """The `size` tokens the verifier predicts most often at trainable positions (sorted ids), or None."""
+def loss_vocabulary(feats: list[dict], size: int, vocab_size: int | None = None) -> torch.Tensor | None:
+    """`size` token ids (sorted), or None for size 0: those the verifier predicts at trainable positions,
+    most frequent first, then, up to `size`, the lowest ids not seen (byte-level BPE vocabularies number
+    tokens in merge order, so low ids are the common ones), so that the drafter also learns to rank
+    tokens its training text lacks, and drafts can still hold them."""
     if not size:
         return None
     preds = torch.cat([f["pred"][f.get("start", 1):] for f in feats])
-    counts = torch.bincount(preds)
-    top = counts.argsort(descending=True)[:size]
-    return top[counts[top] > 0].sort().values
+    counts = torch.bincount(preds, minlength=vocab_size or 0)
+    ranked = counts.argsort(descending=True, stable=True)  # seen by frequency, then unseen by id
+    return ranked[:size].sort().values
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -447,7 +450,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     train_feats = corpus_feats[cfg.holdout_chunks:] + gen_feats[cfg.holdout_chunks:]
     (out / "holdout-prompts.json").write_text(json.dumps(
         [f["tokens"][: f["start"] + 1 if "start" in f else min(128, cfg.seq_len // 2)].tolist() for f in holdout]))
-    vocab = loss_vocabulary(train_feats, cfg.loss_vocab)
+    vocab = loss_vocabulary(train_feats, cfg.loss_vocab, verifier.vocab_size)
     drafter.set_draft_vocab(vocab)  # it also drafts from the tokens it was trained to tell apart
 
     opt = torch.optim.AdamW(drafter.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
