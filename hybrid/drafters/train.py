@@ -38,6 +38,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -179,25 +180,30 @@ def prompt_tokens(cfg: TrainConfig, verifier) -> list[list[int]]:
 
 
 # -- features -------------------------------------------------------------------------------
-@torch.inference_mode()
-def featurise(verifier, layer_ids: list[int], chunk: list[int]) -> dict:
-    """One verifier pass over a chunk -> hidden [S, L*Ht] of the target layers, greedy predictions [S]."""
-    model = verifier.model
-    captured = {}
+@contextmanager
+def layer_outputs(verifier, layer_ids: list[int]):
+    """While open: every forward's output of each target layer, appended to out[i] ([B, s, Ht], bf16)."""
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layer_ids}
     hooks = [
         verifier.body.layers[i].register_forward_hook(
-            lambda m, a, o, i=i: captured.__setitem__(i, o[0] if isinstance(o, tuple) else o)
-        )
+            lambda m, a, o, i=i: out[i].append((o[0] if isinstance(o, tuple) else o).to(torch.bfloat16)))
         for i in layer_ids
     ]
     try:
-        out = verifier.body(input_ids=torch.tensor([chunk], device=verifier.device), use_cache=False)
-        pred = verifier.head(out.last_hidden_state[0]).argmax(-1)  # [S]: t[i+1]
+        yield out
     finally:
         for h in hooks:
             h.remove()
-    hidden = torch.cat([captured[i][0] for i in sorted(layer_ids)], -1)  # [S, L*Ht]
-    return {"tokens": torch.tensor(chunk), "hidden": hidden.to(torch.bfloat16).cpu(), "pred": pred.cpu()}
+
+
+@torch.inference_mode()
+def featurise(verifier, layer_ids: list[int], chunk: list[int]) -> dict:
+    """One verifier pass over a chunk -> hidden [S, L*Ht] of the target layers, greedy predictions [S]."""
+    with layer_outputs(verifier, layer_ids) as captured:
+        out = verifier.body(input_ids=torch.tensor([chunk], device=verifier.device), use_cache=False)
+        pred = verifier.head(out.last_hidden_state[0]).argmax(-1)  # [S]: t[i+1]
+    hidden = torch.cat([captured[i][0][0] for i in sorted(layer_ids)], -1)  # [S, L*Ht]
+    return {"tokens": torch.tensor(chunk), "hidden": hidden.cpu(), "pred": pred.cpu()}
 
 
 def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chunks: list[list[int]], progress=True):
@@ -235,19 +241,11 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
     for b, p in enumerate(prompts):  # left padding
         ids[b, P - len(p):] = torch.tensor(p)
         mask[b, P - len(p):] = 1
-    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layer_ids}  # per layer: [B, s, Ht] per forward
-    hooks = [  # only the target layers are kept (output_hidden_states would hold every layer of every step)
-        verifier.body.layers[i].register_forward_hook(
-            lambda m, a, o, i=i: captured[i].append((o[0] if isinstance(o, tuple) else o).to(torch.bfloat16)))
-        for i in layer_ids
-    ]
-    try:
+    # only the target layers are kept (output_hidden_states would hold every layer of every step)
+    with layer_outputs(verifier, layer_ids) as captured:  # per layer: the prefill, then one [B, 1, Ht] per step
         seqs = model.generate(input_ids=ids.to(verifier.device), attention_mask=mask.to(verifier.device),
                               max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                               temperature=None, top_p=None, top_k=None).cpu()  # [B, P + n]
-    finally:
-        for h in hooks:
-            h.remove()
     hidden = torch.cat([torch.cat(captured[i], 1) for i in sorted(layer_ids)], -1)  # [B, P+n-1, L*Ht]
     feats = []
     for b, p in enumerate(prompts):
@@ -256,7 +254,7 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
         full = seqs[b, P - len(p): P + stop + 1]  # prompt + answer (through the first EOS)
         n = len(full) - 1  # positions with a hidden state and a known next token
         feats.append({"tokens": full[:n].clone(), "pred": full[1:].clone(), "start": len(p) - 1,
-                      "hidden": hidden[b, P - len(p): P - len(p) + n].to(torch.bfloat16).cpu().clone()})
+                      "hidden": hidden[b, P - len(p): P - len(p) + n].cpu().clone()})
     return feats
 
 
