@@ -174,15 +174,21 @@ def test_sampling_check_detects_biased_acceptance(sampling_setup, monkeypatch):
     assert pvalue(two_token_counts(engine, 2, 1.0, samples=300), probs) < 1e-6
 
 
-def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
+def generate_auto(drafter_seed: int, draft_s, verify_s):
+    """Greedy decoding with block size auto, the coordinator fed synthetic costs draft_s(b, t) and
+    verify_s(b) (machine-independent) -> (result, plain greedy reference)."""
     v = make_verifier("qwen3")
     ref = greedy_reference(v, PROMPT, N)
-    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
-    # machine-independent costs (a cheap drafter, a verifier pass that costs little more per token),
-    # so the coordinator's choice depends on acceptance alone, not on this machine's timings
+    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=drafter_seed)), num_pages=16, page_size=8)
     observe = engine.costs.observe
-    engine.costs.observe = lambda b, t, d, vs: observe(b, t, 0.001 * t * (b + 1), 0.05 + 0.001 * b)
-    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False))  # block size auto
+    engine.costs.observe = lambda b, t, d, vs: observe(b, t, draft_s(b, t), verify_s(b))
+    return engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False)), ref
+
+
+def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
+    # a perfect drafter (the verifier itself), a cheap draft and a verifier pass that costs little more per
+    # token, so the coordinator's choice depends on acceptance alone
+    r, ref = generate_auto(0, lambda b, t: 0.001 * t * (b + 1), lambda b: 0.05 + 0.001 * b)
     assert r.token_ids == ref
     assert sum(r.block_sizes.values()) == r.rounds and max(r.block_sizes) > 4  # perfect drafter: grows the block
 
@@ -190,11 +196,6 @@ def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
 def test_auto_decodes_plainly_when_no_block_pays():
     """A drafter that is almost never right, and a verifier whose pass costs much more per extra token: the
     coordinator's plain rounds (block size 0) take over, and the output is still plain greedy decoding."""
-    v = make_verifier("qwen3")
-    ref = greedy_reference(v, PROMPT, N)
-    engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=5)), num_pages=16, page_size=8)
-    observe = engine.costs.observe
-    engine.costs.observe = lambda b, t, d, vs: observe(b, t, 0.01 * t * (b + 1), 0.05 + 0.02 * b)
-    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False))  # block size auto
+    r, ref = generate_auto(5, lambda b, t: 0.01 * t * (b + 1), lambda b: 0.05 + 0.02 * b)
     assert r.token_ids == ref
     assert r.block_sizes.get(0, 0) > r.rounds / 2, r.block_sizes
