@@ -14,7 +14,8 @@ the estimate within tens of rounds. A position with few observations leans on it
 estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the tail seen so far.
 Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
 properties of the machine, not of the text). With probability `explore` a round tries a random size,
-so no size starves forever. A new sequence's estimates start from the engine's shared counts (`shared`,
+so no size starves forever. More denoising steps T > 1 start from the one-step estimate: they are tried by
+exploration and chosen once measured to pay for their extra passes. A new sequence's estimates start from the engine's shared counts (`shared`,
 decaying over a few hundred rounds of all sequences) rather than a flat prior, so short requests do not
 spend their few rounds relearning what the drafter is worth.
 
@@ -137,26 +138,38 @@ class Coordinator:
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
 
     def alphas(self, steps: int = 1) -> list[float]:
-        """Posterior mean acceptance per position (conditional on the previous ones)."""
-        priors = None if self.shared is None else self.shared.means(steps)[: self.max_block_size]
+        """Posterior mean acceptance per position (conditional on the previous ones). The prior is the
+        engine's shared estimate for `steps`; for more than one step, whatever that lacks leans on this
+        sequence's one-step estimate (more passes are assumed no better until measured, so an untried
+        step count, which costs more, is not chosen on the strength of a flat prior)."""
+        base = None if steps == 1 else self.alphas(1)
+        priors = base if self.shared is None else self.shared.means(steps, base)[: self.max_block_size]
         if priors is not None and len(priors) < self.max_block_size:
             priors += [priors[-1] if priors else 0.6] * (self.max_block_size - len(priors))
         return self._acc.means(steps, priors)
 
-    def expected_tau(self, block_size: int, steps: int = 1) -> float:
-        tau, run = 1.0, 1.0
-        for alpha in self.alphas(steps)[:block_size]:
+    def expected_taus(self, steps: int = 1) -> list[float]:
+        """E[tau | B, steps] for B = 0..max: 1 + sum_{i<=B} prod_{j<=i} alpha_j."""
+        taus, run = [1.0], 1.0
+        for alpha in self.alphas(steps):
             run *= alpha
-            tau += run
-        return tau
+            taus.append(taus[-1] + run)
+        return taus
+
+    def expected_tau(self, block_size: int, steps: int = 1) -> float:
+        return self.expected_taus(steps)[block_size]
 
     def rate(self, block_size: int, steps: int = 1) -> float:
         """Expected committed tokens per second (block size 0: a plain round, one token)."""
         return self.expected_tau(block_size, steps) / self.costs.seconds(block_size, steps)
 
     def best(self) -> tuple[int, int]:
-        options = [(b, t) for t in self.step_options for b in range(1, self.max_block_size + 1) if t <= b]
-        return max(options + [(0, 0)] * self.allow_plain, key=lambda bt: self.rate(*bt))
+        options = [(0, 0, 1 / self.costs.seconds(0, 0))] if self.allow_plain else []
+        for t in self.step_options:
+            taus = self.expected_taus(t)
+            options += [(b, t, taus[b] / self.costs.seconds(b, t)) for b in range(max(1, t), self.max_block_size + 1)]
+        b, t, _ = max(options, key=lambda o: o[2])
+        return b, t
 
     def next(self, limit: int | None = None) -> tuple[int, int]:
         """The next (block size, steps): block size in [1, min(max, limit)], or 0 (steps 0) with allow_plain."""

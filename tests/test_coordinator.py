@@ -135,3 +135,16 @@ def test_a_new_sequence_starts_from_the_engines_shared_acceptance():
     assert second.next()[0] in near_best(0.3, tolerance=0.9)
     assert sum(second._acc.get(1)[0]) == 0  # nothing observed by the second sequence itself yet
     assert Coordinator(MAX_B, costs=costs, seed=1).alphas()[0] == pytest.approx(0.6)  # no sharing: flat prior
+
+
+def test_untried_step_counts_lean_on_the_one_step_estimate():
+    """More denoising passes cost more: until measured, their acceptance is taken to be the one-step
+    estimate (not the flat prior), so they are not chosen on hope; measured better, they are."""
+    coord = Coordinator(MAX_B, max_steps=4, seed=12, explore=0.0)
+    simulate(coord, lambda r, t: 0.3, 60, random.Random(13))
+    assert sum(coord._acc.get(2)[0]) == 0  # T = 2 never tried
+    assert coord.alphas(2) == pytest.approx(coord.alphas(1)) and coord.alphas(1)[0] == pytest.approx(0.3, abs=0.15)
+    assert coord.next()[1] == 1
+    for _ in range(30):  # measured: two passes accept far more
+        coord.observe(8, 2, 8, draft_cost(8, 2), verify_cost(8))
+    assert coord.next()[1] == 2
