@@ -103,6 +103,9 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
               help="JSONL prompt files (as for bench; repeatable): the verifier's own greedy answers (self-distillation).")
 @click.option("--gen-tokens", type=int, default=128, show_default=True, help="New tokens per answer to --prompts.")
 @click.option("--gen-batch", type=int, default=32, show_default=True, help="Answers generated at once.")
+@click.option("--gen-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="Who answers --prompts: transformers' generate, or vLLM (~4x faster here; then one transformers "
+                   "pass per answer for the hidden states).")
 @click.option("--max-prompts", type=int, default=None, help="Use at most N of the --prompts (shuffled with --seed).")
 @click.option("--gen-batches", type=int, default=None,
               help="Answer at most N batches of prompts (a fixed order; cached answers of a longer run are reused).")
@@ -126,7 +129,7 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
     """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
     answers to prompts."""
@@ -138,7 +141,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, max_prompts,
         anchors=anchors, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, dtype="bfloat16" if dtype == "auto" else dtype,
-        eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch,
+        eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch, gen_backend=gen_backend,
         max_prompts=max_prompts, gen_batches=gen_batches, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
     )
     report = train(cfg)

@@ -97,6 +97,28 @@ def test_self_distillation_features_are_the_verifiers_greedy_answers():
         torch.testing.assert_close(f["hidden"].float(), again["hidden"].float(), atol=2e-2, rtol=2e-2)
 
 
+def test_answers_from_elsewhere_give_the_same_features():
+    """`answer_features` (an answer vLLM wrote, featurised by one verifier pass) gives generate_features'
+    layout and values: same tokens, start and predictions, hidden states equal within bf16 rounding; a
+    continuation past the first EOS is cut there."""
+    from conftest import make_verifier
+
+    from hybrid.drafters.train import answer_features, generate_features
+
+    v = make_verifier("qwen3", seed=3)
+    prompts = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 40]]
+    layers = [0, 2]
+    eos = next(iter(v.eos_token_ids))
+    for p, ref in zip(prompts, generate_features(v, layers, prompts, new_tokens=10)):
+        answer = ref["tokens"][len(p):].tolist() + [ref["pred"][-1].item()]  # greedy, through EOS if it came
+        got = answer_features(v, layers, p, answer + [eos, 7, 7])
+        full = p + answer + ([] if answer[-1] in v.eos_token_ids else [eos])
+        assert got["tokens"].tolist() == full[:-1] and got["start"] == ref["start"] == len(p) - 1
+        n = len(ref["tokens"])  # the positions both have
+        assert got["pred"][ref["start"]: n].tolist() == ref["pred"][ref["start"]:].tolist()  # the verifier's argmax
+        torch.testing.assert_close(got["hidden"][:n].float(), ref["hidden"].float(), atol=2e-2, rtol=2e-2)
+
+
 def test_batches_anchor_inside_the_answer():
     S, B = 30, 4
     feat = {"tokens": torch.arange(S), "pred": torch.arange(S) + 1, "hidden": torch.zeros(S, 8), "start": 20}

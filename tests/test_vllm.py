@@ -292,6 +292,40 @@ def test_vllm_serve_streams_chat_with_our_drafter(models, tmp_path):
         log.close()
 
 
+# -- train-drafter --gen-backend vllm ---------------------------------------------------------
+def test_self_distillation_answers_from_vllm(models, tmp_path, monkeypatch):
+    """`--gen-backend vllm`: vLLM answers in a child process and one verifier pass featurises each answer;
+    the features equal transformers' generate ones (bigram target, float32: both decode the same), and a
+    later run takes the answers from the cache file without starting vLLM."""
+    import hybrid.drafters.vllm_answers as va
+    from hybrid.drafters.train import TrainConfig, load_or_generate_features
+    from hybrid.verifiers.hf import HFVerifier
+
+    monkeypatch.setenv("HYBRID_VLLM_KV_BYTES", str(1 << 26))
+    v = HFVerifier.from_pretrained(str(models / "bigram"), torch.float32)
+    token_prompts, layers = prompts(6, seed=7), [1, 2]
+
+    def features(out, backend):
+        cfg = TrainConfig(verifier=str(models / "bigram"), corpus=[], out=str(tmp_path / out), block_size=K,
+                          gen_tokens=12, gen_batch=4, gen_backend=backend, dtype="float32")
+        return load_or_generate_features(cfg, v, layers, token_prompts, progress=False)
+
+    by_hf, by_vllm = features("hf", "hf"), features("vllm", "vllm")
+    assert len(by_vllm) == len(by_hf) == 6
+    for a, b in zip(by_vllm, by_hf):
+        assert a["tokens"].tolist() == b["tokens"].tolist() and a["start"] == b["start"]
+        assert a["pred"][a["start"]:].tolist() == b["pred"][b["start"]:].tolist()
+        torch.testing.assert_close(a["hidden"], b["hidden"], atol=1e-2, rtol=1e-2)  # stored in bf16
+    answers = va.read_answers(tmp_path / "vllm" / "answers-12.jsonl")
+    assert sorted(answers) == sorted(tuple(p) for p in token_prompts)
+
+    for f in (tmp_path / "vllm" / "generated").iterdir():
+        f.unlink()  # features gone, answers kept: featurised again, vLLM not started
+    monkeypatch.setattr(va.subprocess, "run", lambda *a, **k: pytest.fail("vLLM started again"))
+    again = features("vllm", "vllm")
+    assert [f["tokens"].tolist() for f in again] == [f["tokens"].tolist() for f in by_vllm]
+
+
 # -- hybrid bench --backend vllm -------------------------------------------------------------
 def test_bench_vllm_backend(models, tmp_path, monkeypatch):
     """`hybrid bench --backend vllm` on the tiny bigram pair: every method runs in its own child engine,

@@ -86,6 +86,7 @@ class TrainConfig:
     gen_batch: int = 32  # answers generated at once
     max_prompts: int | None = None
     gen_batches: int | None = None  # answer at most this many batches (the first ones of the fixed batch order)
+    gen_backend: str = "hf"  # "hf": transformers' generate; "vllm": vLLM answers, then one transformers prefill each
     loss_vocab: int = 32768  # 0: full softmax
     init: str | None = None  # start from this drafter folder's weights
     extra: dict = field(default_factory=dict)
@@ -197,13 +198,25 @@ def layer_outputs(verifier, layer_ids: list[int]):
 
 
 @torch.inference_mode()
-def featurise(verifier, layer_ids: list[int], chunk: list[int]) -> dict:
-    """One verifier pass over a chunk -> hidden [S, L*Ht] of the target layers, greedy predictions [S]."""
+def featurise(verifier, layer_ids: list[int], chunk: list[int], start: int = 0) -> dict:
+    """One verifier pass over a chunk -> hidden [S, L*Ht] of the target layers, greedy predictions [S]
+    (pred[i] predicts chunk[i+1]; before `start`, where no loss is taken, the chunk's own next token)."""
     with layer_outputs(verifier, layer_ids) as captured:
         out = verifier.body(input_ids=torch.tensor([chunk], device=verifier.device), use_cache=False)
-        pred = verifier.head(out.last_hidden_state[0]).argmax(-1)  # [S]: t[i+1]
+        pred = torch.tensor(chunk[1:] + [chunk[-1]])  # [S]
+        pred[start:] = verifier.head(out.last_hidden_state[0, start:]).argmax(-1).cpu()  # [S - start]
     hidden = torch.cat([captured[i][0][0] for i in sorted(layer_ids)], -1)  # [S, L*Ht]
-    return {"tokens": torch.tensor(chunk), "hidden": hidden.cpu(), "pred": pred.cpu()}
+    return {"tokens": torch.tensor(chunk), "hidden": hidden.cpu(), "pred": pred}
+
+
+def answer_features(verifier, layer_ids: list[int], prompt: list[int], answer: list[int]) -> dict:
+    """Features of an answer produced elsewhere (vLLM), in generate_features' layout: one verifier pass
+    over prompt + answer; start = the prompt's last index."""
+    eos = next((j for j, t in enumerate(answer) if t in verifier.eos_token_ids), len(answer))
+    full = list(prompt) + list(answer[: eos + 1])
+    feat = featurise(verifier, layer_ids, full[:-1], start=len(prompt) - 1)
+    feat["start"] = len(prompt) - 1
+    return feat
 
 
 def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chunks: list[list[int]], progress=True):
@@ -258,6 +271,14 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
     return feats
 
 
+def load_cached_answers(f: Path, prompts: list[list[int]]) -> list[dict] | None:
+    """A batch's cached features, or None when there are none or they answer other prompts."""
+    got = torch.load(f) if f.exists() else None
+    if got is not None and [g["tokens"][: g["start"] + 1].tolist() for g in got] != prompts:
+        return None
+    return got
+
+
 def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], prompts: list[list[int]],
                               progress=True) -> list[dict]:
     """Self-distillation features, generated in batches of similar prompt length and cached per batch."""
@@ -269,17 +290,25 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
     random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
     batches = batches[: cfg.gen_batches]
+    got_all = [load_cached_answers(cache / f"{j:05d}.pt", [prompts[i] for i in batch]) for j, batch in enumerate(batches)]
+    answers = None
+    if cfg.gen_backend == "vllm" and any(g is None for g in got_all):
+        from hybrid.demo import resolve_model
+        from hybrid.drafters.vllm_answers import answer_with_vllm
+
+        todo = [prompts[i] for b, g in zip(batches, got_all) if g is None for i in b]
+        answers = answer_with_vllm(resolve_model(cfg.verifier), todo, cfg.gen_tokens, cfg.dtype,
+                                   Path(cfg.out) / f"answers-{cfg.gen_tokens}.jsonl")
     feats = []
     bar = tqdm(total=len(batches), desc="verifier answers", unit="batch", disable=not progress)
     t0, done = time.perf_counter(), 0
-    for j, batch in enumerate(batches):
-        f = cache / f"{j:05d}.pt"
-        got = torch.load(f) if f.exists() else None
-        if got is not None and [g["tokens"][: g["start"] + 1].tolist() for g in got] != [prompts[i] for i in batch]:
-            got = None  # cached for other prompts or settings: answer again
+    for j, (batch, got) in enumerate(zip(batches, got_all)):
         if got is None:
-            got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
-            torch.save(got, f)
+            if answers is not None:  # answered by vLLM: one transformers pass per answer for the hidden states
+                got = [answer_features(verifier, layer_ids, prompts[i], answers[tuple(prompts[i])]) for i in batch]
+            else:
+                got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
+            torch.save(got, cache / f"{j:05d}.pt")
             done += sum(len(g["tokens"]) - g["start"] for g in got)
         feats += got
         bar.update(1)
