@@ -104,8 +104,8 @@ def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, tempe
 @click.option("--gen-tokens", type=int, default=128, show_default=True, help="New tokens per answer to --prompts.")
 @click.option("--gen-batch", type=int, default=32, show_default=True, help="Answers generated at once.")
 @click.option("--gen-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="Who answers --prompts: transformers' generate, or vLLM (~4x faster here; then one transformers "
-                   "pass per answer for the hidden states).")
+              help="Who answers --prompts: transformers' generate, or vLLM (answers ~4x faster on a CPU; the hidden "
+                   "states then take one transformers pass per answer: ~2x overall).")
 @click.option("--max-prompts", type=int, default=None, help="Use at most N of the --prompts (shuffled with --seed).")
 @click.option("--gen-batches", type=int, default=None,
               help="Answer at most N batches of prompts (a fixed order; cached answers of a longer run are reused).")

@@ -14,10 +14,10 @@ the estimate within tens of rounds. A position with few observations leans on it
 estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the tail seen so far.
 Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
 properties of the machine, not of the text). With probability `explore` a round tries a random size,
-so no size starves forever. More denoising steps T > 1 start from the one-step estimate: they are tried by
-exploration and chosen once measured to pay for their extra passes. A new sequence's estimates start from the engine's shared counts (`shared`,
-decaying over a few hundred rounds of all sequences) rather than a flat prior, so short requests do not
-spend their few rounds relearning what the drafter is worth.
+so no size starves forever. More denoising steps T > 1 start from the one-step estimate: they are tried
+by exploration and chosen once measured to pay for their extra passes. A new sequence's estimates start
+from the engine's shared counts (`shared`, decaying over a few hundred rounds of all sequences) rather
+than a flat prior, so short requests do not spend their few rounds relearning what the drafter is worth.
 
 Plain rounds. With `allow_plain` (the engine's default) B = 0 is a candidate too: a round with no draft
 commits exactly one token for v(0) seconds, so when no block is expected to pay for its drafting and

@@ -26,13 +26,12 @@ from hybrid.errors import UserError
 
 def main(job_path: str, out_path: str) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     job = json.loads(open(job_path).read())
     prompts = job["prompts"]
-    import torch
-
     gpu = torch.cuda.is_available()
     memory = ({"kv_cache_memory_bytes": int(os.environ["HYBRID_VLLM_KV_BYTES"])} if "HYBRID_VLLM_KV_BYTES" in os.environ
               else {} if gpu else {"gpu_memory_utilization": 0.3})  # on CPU: a share of one NUMA node's memory
@@ -47,10 +46,6 @@ def main(job_path: str, out_path: str) -> None:
             for p, o in zip(part, outs):
                 f.write(json.dumps({"prompt": p, "answer": list(o.outputs[0].token_ids)}) + "\n")
         print(f"answered {min(i + chunk, len(prompts))}/{len(prompts)}", flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
 
 
 def read_answers(path: Path) -> dict[tuple[int, ...], list[int]]:
@@ -83,3 +78,7 @@ def answer_with_vllm(model: str, prompts: list[list[int]], new_tokens: int, dtyp
                             "--gen-backend hf answers with transformers instead")
         have = read_answers(path)
     return have
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
