@@ -133,6 +133,8 @@ class Coordinator:
     def __post_init__(self):
         if self.max_block_size < 1:
             raise ValueError("max_block_size must be >= 1")
+        if self.shared is not None and self.shared.max_block_size != self.max_block_size:
+            raise ValueError("shared acceptance counts must cover the same maximum block size")
         self._rng = random.Random(self.seed)
         self._acc = AcceptanceCounts(self.max_block_size, self.decay, self.prior_strength)
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
@@ -143,9 +145,7 @@ class Coordinator:
         sequence's one-step estimate (more passes are assumed no better until measured, so an untried
         step count, which costs more, is not chosen on the strength of a flat prior)."""
         base = None if steps == 1 else self.alphas(1)
-        priors = base if self.shared is None else self.shared.means(steps, base)[: self.max_block_size]
-        if priors is not None and len(priors) < self.max_block_size:
-            priors += [priors[-1] if priors else 0.6] * (self.max_block_size - len(priors))
+        priors = base if self.shared is None else self.shared.means(steps, base)
         return self._acc.means(steps, priors)
 
     def expected_taus(self, steps: int = 1) -> list[float]:

@@ -135,6 +135,8 @@ def test_a_new_sequence_starts_from_the_engines_shared_acceptance():
     assert second.next()[0] in near_best(0.3, tolerance=0.9)
     assert sum(second._acc.get(1)[0]) == 0  # nothing observed by the second sequence itself yet
     assert Coordinator(MAX_B, costs=costs, seed=1).alphas()[0] == pytest.approx(0.6)  # no sharing: flat prior
+    with pytest.raises(ValueError):
+        Coordinator(MAX_B, shared=AcceptanceCounts(MAX_B - 1, decay=0.995))  # counts for other block sizes
 
 
 def test_untried_step_counts_lean_on_the_one_step_estimate():

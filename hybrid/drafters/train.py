@@ -209,11 +209,15 @@ def featurise(verifier, layer_ids: list[int], chunk: list[int], start: int = 0) 
     return {"tokens": torch.tensor(chunk), "hidden": hidden.cpu(), "pred": pred}
 
 
+def through_eos(answer: list[int], eos_token_ids) -> list[int]:
+    """An answer up to and including its first EOS (all of it when there is none)."""
+    return answer[: next((j + 1 for j, t in enumerate(answer) if t in eos_token_ids), len(answer))]
+
+
 def answer_features(verifier, layer_ids: list[int], prompt: list[int], answer: list[int]) -> dict:
     """Features of an answer produced elsewhere (vLLM), in generate_features' layout: one verifier pass
     over prompt + answer; start = the prompt's last index."""
-    eos = next((j for j, t in enumerate(answer) if t in verifier.eos_token_ids), len(answer))
-    full = list(prompt) + list(answer[: eos + 1])
+    full = list(prompt) + through_eos(list(answer), verifier.eos_token_ids)
     feat = featurise(verifier, layer_ids, full[:-1], start=len(prompt) - 1)
     feat["start"] = len(prompt) - 1
     return feat
@@ -262,16 +266,15 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
     hidden = torch.cat([torch.cat(captured[i], 1) for i in sorted(layer_ids)], -1)  # [B, P+n-1, L*Ht]
     feats = []
     for b, p in enumerate(prompts):
-        gen = seqs[b, P:].tolist()
-        stop = next((j for j, t in enumerate(gen) if t in verifier.eos_token_ids), len(gen) - 1)
-        full = seqs[b, P - len(p): P + stop + 1]  # prompt + answer (through the first EOS)
+        answer = through_eos(seqs[b, P:].tolist(), verifier.eos_token_ids)
+        full = seqs[b, P - len(p): P + len(answer)]  # prompt + answer (through the first EOS)
         n = len(full) - 1  # positions with a hidden state and a known next token
         feats.append({"tokens": full[:n].clone(), "pred": full[1:].clone(), "start": len(p) - 1,
                       "hidden": hidden[b, P - len(p): P - len(p) + n].cpu().clone()})
     return feats
 
 
-def load_cached_answers(f: Path, prompts: list[list[int]]) -> list[dict] | None:
+def load_cached_features(f: Path, prompts: list[list[int]]) -> list[dict] | None:
     """A batch's cached features, or None when there are none or they answer other prompts."""
     got = torch.load(f) if f.exists() else None
     if got is not None and [g["tokens"][: g["start"] + 1].tolist() for g in got] != prompts:
@@ -290,7 +293,7 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
     random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
     batches = batches[: cfg.gen_batches]
-    got_all = [load_cached_answers(cache / f"{j:05d}.pt", [prompts[i] for i in batch]) for j, batch in enumerate(batches)]
+    got_all = [load_cached_features(cache / f"{j:05d}.pt", [prompts[i] for i in batch]) for j, batch in enumerate(batches)]
     answers = None
     if cfg.gen_backend == "vllm" and any(g is None for g in got_all):
         from hybrid.demo import resolve_model
