@@ -6,6 +6,11 @@ with random numbers. Categories mirror bench/prompts.jsonl (code, chat, math, su
 translation); no prompt of bench/prompts.jsonl is used or copied.
 
     python scripts/make_train_prompts.py --human-eval /path/HumanEval.jsonl.gz
+    python scripts/make_train_prompts.py --round 2   # data/train-prompts-2.jsonl: other sources, no repeats
+
+Round 2 draws on what round 1 left: functions and methods of the standard library's subpackages,
+"explain / test / annotate this function" requests, scripting tasks, the language reference text that
+ships with Python (pydoc_data.topics) for chat, summarisation and translation, and more maths templates.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import gzip
 import json
 import random
 import sysconfig
+import textwrap
 from pathlib import Path
 
 LANGS = ["JavaScript", "Go", "Rust", "C", "TypeScript", "Java", "C++", "Bash"]
@@ -114,14 +120,176 @@ def math_prompt(rng: random.Random) -> str:
     return rng.choice(templates)
 
 
+TASKS = [
+    "reads a CSV file and prints the average of its second column", "renames every .jpeg file in a folder to .jpg",
+    "counts the words in a text file and prints the ten most common", "downloads a URL and saves it to a file",
+    "checks whether a string is a valid IPv4 address", "flattens a nested list", "merges two sorted lists",
+    "finds duplicate files in a directory by their SHA-256 hash", "converts a JSON file to YAML",
+    "parses a log file and counts lines per log level", "implements a stack with push, pop and peek",
+    "implements a queue using two stacks", "computes the Levenshtein distance of two strings",
+    "validates an email address with a regular expression", "prints the Fibonacci numbers below 1000",
+    "reverses the words in a sentence", "groups a list of words into anagrams", "rotates a matrix by 90 degrees",
+    "implements binary search on a sorted list", "reads environment variables with defaults into a config object",
+    "retries a function call with exponential backoff", "times a function with a decorator",
+    "implements an LRU cache class", "walks a directory tree and prints the total size per extension",
+    "converts Roman numerals to integers", "checks whether brackets in a string are balanced",
+    "computes the prime numbers below n with a sieve", "serialises a dataclass to JSON and back",
+    "splits a list into chunks of size n", "implements a simple command-line argument parser with argparse",
+    "reads a large file line by line and prints lines matching a pattern", "computes a moving average",
+    "implements a thread-safe counter", "runs shell commands and captures their output",
+    "deduplicates a list while keeping order", "parses an ISO 8601 date and prints the weekday",
+    "implements breadth-first search on a graph given as a dict", "transposes a CSV file",
+    "generates a random password with letters, digits and symbols", "converts a number to words in English",
+    "implements a trie with insert and search", "computes the median of a stream of numbers",
+    "finds the longest common prefix of a list of strings", "implements merge sort",
+    "watches a folder and prints new files", "sends a JSON POST request and prints the response",
+    "zips every file in a folder", "implements a simple rate limiter", "formats a table of rows as Markdown",
+    "validates that a dict matches a simple schema",
+]
+TOPICS_2 = [
+    "object-oriented programming", "inheritance and composition", "immutability", "side effects", "closures",
+    "exceptions and error codes", "logging", "profiling a program", "threads and processes", "event loops",
+    "message queues", "microservices", "REST and GraphQL", "websockets", "CORS", "SQL injection",
+    "cross-site scripting", "password hashing", "two-factor authentication", "TLS certificates", "JSON Web Tokens",
+    "rate limiting", "idempotency in APIs", "database transactions", "normalisation in databases", "NoSQL databases",
+    "sharding", "replication", "eventual consistency", "the CAP theorem", "consistent hashing", "bloom filters",
+    "heaps and priority queues", "tries", "hash collisions", "tail recursion", "lazy evaluation", "pattern matching",
+    "virtual environments in Python", "packaging a Python library", "semantic versioning", "Docker images",
+    "Kubernetes pods", "infrastructure as code", "feature flags", "A/B testing", "code coverage", "mocking in tests",
+    "property-based testing", "refactoring", "design patterns", "the singleton pattern", "dependency injection",
+    "the observer pattern", "pure functions", "recursion limits", "bit manipulation", "two's complement",
+    "endianness", "compression", "hash functions", "random number generators", "gradient descent", "overfitting",
+    "cross-validation", "embeddings", "attention in transformers", "tokenisation", "the Turing test",
+    "the French Revolution", "the Roman Empire", "the printing press", "the industrial revolution", "the moon landing",
+    "volcanoes", "earthquakes", "the immune system", "DNA", "evolution", "antibiotics", "the solar system",
+    "renewable energy", "electric cars", "interest rates", "stocks and bonds", "budgeting", "healthy eating",
+    "meditation", "learning a second language", "public speaking", "negotiation", "leadership", "time zones",
+]
+ASKS_2 = [
+    "Can you explain {t} in simple terms?", "What should a junior developer know about {t}?",
+    "Compare {t} with an alternative, briefly.", "Summarise the pros and cons of {t}.",
+    "Explain {t} in three bullet points.", "How would you teach {t} to a friend?", "Tell me something surprising about {t}.",
+]
+
+
+def all_functions(root: Path, rng: random.Random, skip: set[str], limit: int, per_file: int = 3):
+    """Like functions(), from every module and subpackage, methods included, several per file."""
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "idlelib", "site-packages"} & set(p.parts))
+    rng.shuffle(files)
+    out = []
+    for f in files:
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = src.splitlines(keepends=True)
+        found = 0
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or not node.body:
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 40:
+                continue
+            whole = "".join(lines[node.lineno - 1: node.end_lineno])
+            head = "".join(lines[node.lineno - 1: node.body[0].end_lineno])
+            if len(whole) > 1500 or head in skip or node.end_lineno - node.lineno < 4:
+                continue
+            args = ", ".join(a.arg for a in node.args.args if a.arg != "self")
+            out.append((textwrap.dedent(head), textwrap.dedent(whole), node.name, args,
+                        doc.split("\n\n")[0].replace("\n", " ").strip()))
+            found += 1
+            if found == per_file:
+                break
+        if len(out) >= limit:
+            break
+    return out
+
+
+def math_prompt_2(rng: random.Random) -> str:
+    a, b, c = rng.randint(2, 12), rng.randint(13, 60), rng.randint(100, 5000)
+    item = rng.choice(["apples", "books", "tickets", "pencils", "shirts", "plants", "cups of coffee"])
+    templates = [
+        f"What is {c} divided by {a}, to two decimal places? Show the division.",
+        f"A shop sells {item} at {b} cents each. How much do {a * 7} {item} cost in dollars?",
+        f"Convert {c} seconds into hours, minutes and seconds.",
+        f"A train leaves at {rng.randint(6, 11)}:{rng.choice(['05', '20', '35', '50'])} and the trip takes {a} hours and {b} minutes. When does it arrive?",
+        f"What is the least common multiple of {a} and {b}? Explain.",
+        f"What is the greatest common divisor of {b * a} and {c}? Use Euclid's algorithm.",
+        f"Simplify the fraction {a * b}/{a * c}.",
+        f"A tank holds {c} litres and drains at {b} litres per minute. How long until it is empty?",
+        f"Compute {a}^{rng.randint(2, 5)} and explain the steps.",
+        f"A square has a perimeter of {4 * b} cm. What is its area?",
+        f"A circle has radius {a} m. What are its circumference and area? Use pi = 3.14.",
+        f"A price rises from {b} to {b + a} dollars. What is the percentage increase?",
+        f"Solve the system: x + y = {b + a}, x - y = {b - a}.",
+        f"A bag has {a} red and {b} blue marbles. What is the probability of drawing a red one?",
+        f"If {item} cost {b} dollars for {a}, how much do {a * 3 + 1} cost?",
+        f"What is the sum of the integers from 1 to {c}? Explain the formula.",
+        f"Write {c} in binary and explain how.",
+        f"{a} friends share a bill of {c / 10:.2f} euros equally and tip 10%. How much does each pay?",
+        f"A runner covers {a + 3} km in {b} minutes. What is the pace per km?",
+        f"Find x if {a}(x - {b}) = {c}.",
+    ]
+    return rng.choice(templates)
+
+
+def round_two(rng: random.Random, root: Path, skip: set[str]) -> list[dict]:
+    import pydoc_data.topics as doc_topics
+
+    rows = []
+    fns = all_functions(root, rng, skip, 560)
+    for head, whole, name, fargs, desc in fns[:140]:  # complete a function from its signature and docstring
+        rows.append({"prompt": head, "category": "code", "chat": False})
+    for head, whole, name, fargs, desc in fns[140:260]:
+        lang = "Python" if rng.random() < 0.5 else rng.choice(LANGS)
+        rows.append({"prompt": f"Write a {lang} function `{name}({fargs})`: {desc}", "category": "code"})
+    asks = ["Explain what this Python function does, step by step.", "Write pytest unit tests for this function.",
+            "Add type hints to this function and explain your choices.", "Review this code: is there anything you would improve?",
+            "Rewrite this function to be shorter and clearer.", "Translate this Python function into {lang}."]
+    for head, whole, name, fargs, desc in fns[260:400]:
+        ask = rng.choice(asks).format(lang=rng.choice(LANGS))
+        rows.append({"prompt": f"{ask}\n\n```python\n{whole}```", "category": "code"})
+    for task in TASKS:
+        lang = "Python" if rng.random() < 0.7 else rng.choice(LANGS)
+        rows.append({"prompt": f"Write a {lang} program that {task}.", "category": "code"})
+    for t in TOPICS_2:
+        for ask in rng.sample(ASKS_2, 2):
+            rows.append({"prompt": ask.format(t=t), "category": "chat"})
+    keys = [k for k in doc_topics.topics if len(doc_topics.topics[k]) > 400]
+    title = lambda k: doc_topics.topics[k].strip().splitlines()[0].strip()
+    for k in keys:
+        rows.append({"prompt": f"{rng.choice(['Explain', 'Describe briefly', 'Give an example of'])} {title(k)} in Python.",
+                     "category": "chat"})
+    for _ in range(160):
+        rows.append({"prompt": math_prompt_2(rng), "category": "math"})
+    paras = [" ".join(p.split()) for k in keys for p in doc_topics.topics[k].split("\n\n")
+             if 300 <= len(p) <= 1200 and "::=" not in p and ">>>" not in p and not p.startswith("   ")]
+    sum_asks = ["Summarise the following paragraph in one sentence.", "Explain this passage in plain words.",
+                "What is the main point of this text?", "Summarise this in two sentences for a beginner."]
+    for p in rng.sample(paras, min(120, len(paras))):
+        rows.append({"prompt": f"{rng.choice(sum_asks)}\n\n{p}", "category": "summarisation"})
+    sents = sorted({s for k in keys for s in sentences(doc_topics.topics[k]) if '"' not in s})
+    for s in rng.sample(sents, min(160, len(sents))):
+        rows.append({"prompt": f'Translate into {rng.choice(TARGET_LANGS)}: "{s}"', "category": "translation"})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--human-eval", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "train-prompts.jsonl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--round", type=int, default=1, choices=[1, 2])
     args = ap.parse_args()
-    rng = random.Random(args.seed)
+    data = Path(__file__).resolve().parents[1] / "data"
     root = Path(sysconfig.get_paths()["stdlib"])
+    if args.round == 2:
+        out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-2.jsonl"
+        seen = {json.loads(l)["prompt"] for l in (data / "train-prompts.jsonl").read_text().splitlines()}
+        rows = [r for r in round_two(random.Random(args.seed + 2), root, seen) if r["prompt"] not in seen]
+        return write(rows, out, data.parent / "bench" / "prompts.jsonl")
+    rng = random.Random(args.seed)
     rows = []
     if args.human_eval:
         with gzip.open(args.human_eval, "rt") as f:
@@ -150,14 +318,23 @@ def main():
     sents = sorted({s for _, d in docs for s in sentences(d)})
     for s in rng.sample(sents, min(200, len(sents))):
         rows.append({"prompt": f'Translate into {rng.choice(TARGET_LANGS)}: "{s}"', "category": "translation"})
-    bench = {json.loads(l)["prompt"] for l in (args.out.parents[1] / "bench" / "prompts.jsonl").read_text().splitlines()}
-    rows = [r for r in rows if r["prompt"] not in bench]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    counts = {}
+    write(rows, args.out, data.parent / "bench" / "prompts.jsonl")
+
+
+def write(rows: list[dict], out: Path, bench_file: Path) -> None:
+    """Write rows as JSONL, leaving out any bench prompt and any repeat."""
+    bench = {json.loads(l)["prompt"] for l in bench_file.read_text().splitlines()}
+    seen, kept = set(), []
     for r in rows:
+        if r["prompt"] not in bench and r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            kept.append(r)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    counts = {}
+    for r in kept:
         counts[r["category"]] = counts.get(r["category"], 0) + 1
-    print(f"{len(rows)} prompts -> {args.out}: {counts}")
+    print(f"{len(kept)} prompts -> {out}: {counts}")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,36 @@ def test_answers_from_elsewhere_give_the_same_features():
         torch.testing.assert_close(got["hidden"][:n].float(), ref["hidden"].float(), atol=2e-2, rtol=2e-2)
 
 
+def test_a_run_with_more_prompts_answers_only_the_new_ones(tmp_path, monkeypatch):
+    """Cached answers are found by prompt, whichever batch wrote them: adding prompts (which reshuffles the
+    batches) answers only the added ones, and the earlier answers come back unchanged."""
+    from conftest import make_verifier
+
+    import hybrid.drafters.train as tr
+
+    v = make_verifier("qwen3", seed=3)
+    layers, asked = [0, 2], []
+    real = tr.generate_features
+    monkeypatch.setattr(tr, "generate_features", lambda v, l, ps, n: asked.append(ps) or real(v, l, ps, n))
+    cfg = TrainConfig(verifier="tiny", corpus=[], out=str(tmp_path), block_size=2, gen_tokens=8, gen_batch=2)
+    first = [[5, 9, 13], [7, 8, 9, 10], [60, 61], [3, 4, 5, 6, 7]]
+    added = [[20, 21, 22], [30, 31]]
+    by_prompt = {tuple(f["tokens"][: f["start"] + 1].tolist()): f
+                 for f in tr.load_or_generate_features(cfg, v, layers, first, progress=False)}
+    assert sorted(p for ps in asked for p in ps) == sorted(first)
+    asked.clear()
+    again = tr.load_or_generate_features(replace(cfg, gen_batch=3), v, layers, added + first, progress=False)
+    assert sorted(p for ps in asked for p in ps) == sorted(added)  # only the new prompts were answered
+    for f in again:
+        key = tuple(f["tokens"][: f["start"] + 1].tolist())
+        if key in by_prompt:
+            assert torch.equal(f["tokens"], by_prompt[key]["tokens"]) and torch.equal(f["hidden"], by_prompt[key]["hidden"])
+    assert {tuple(f["tokens"][: f["start"] + 1].tolist()) for f in again} <= {tuple(p) for p in added + first}
+    asked.clear()
+    tr.load_or_generate_features(cfg, v, layers, first, progress=False)
+    assert asked == []  # all cached
+
+
 def test_batches_anchor_inside_the_answer():
     S, B = 30, 4
     feat = {"tokens": torch.arange(S), "pred": torch.arange(S) + 1, "hidden": torch.zeros(S, 8), "start": 20}

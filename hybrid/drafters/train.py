@@ -274,17 +274,20 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
     return feats
 
 
-def load_cached_features(f: Path, prompts: list[list[int]]) -> list[dict] | None:
-    """A batch's cached features, or None when there are none or they answer other prompts."""
-    got = torch.load(f) if f.exists() else None
-    if got is not None and [g["tokens"][: g["start"] + 1].tolist() for g in got] != prompts:
-        return None
-    return got
+def prompt_key(feat: dict) -> tuple[int, ...]:
+    """The prompt a cached answer answers: its tokens through `start`."""
+    return tuple(feat["tokens"][: feat["start"] + 1].tolist())
+
+
+def load_feature_cache(cache: Path) -> dict[tuple[int, ...], dict]:
+    """Every cached answer's features in `cache`, by prompt, whichever run and batch wrote them."""
+    return {prompt_key(f): f for file in sorted(cache.glob("*.pt")) for f in torch.load(file)}
 
 
 def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], prompts: list[list[int]],
                               progress=True) -> list[dict]:
-    """Self-distillation features, generated in batches of similar prompt length and cached per batch."""
+    """Self-distillation features, generated in batches of similar prompt length and cached per prompt
+    (files of one batch each): a run with more prompts only answers the new ones."""
     from tqdm import tqdm
 
     cache = Path(cfg.out) / "generated"
@@ -293,30 +296,31 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
     random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
     batches = batches[: cfg.gen_batches]
-    got_all = [load_cached_features(cache / f"{j:05d}.pt", [prompts[i] for i in batch]) for j, batch in enumerate(batches)]
+    cached = load_feature_cache(cache)
+    todo = [[i for i in batch if tuple(prompts[i]) not in cached] for batch in batches]
     answers = None
-    if cfg.gen_backend == "vllm" and any(g is None for g in got_all):
+    if cfg.gen_backend == "vllm" and any(todo):
         from hybrid.demo import resolve_model
         from hybrid.drafters.vllm_answers import answer_with_vllm
 
-        todo = [prompts[i] for b, g in zip(batches, got_all) if g is None for i in b]
-        answers = answer_with_vllm(resolve_model(cfg.verifier), todo, cfg.gen_tokens, cfg.dtype,
-                                   Path(cfg.out) / f"answers-{cfg.gen_tokens}.jsonl")
-    feats = []
-    bar = tqdm(total=len(batches), desc="verifier answers", unit="batch", disable=not progress)
+        answers = answer_with_vllm(resolve_model(cfg.verifier), [prompts[i] for t in todo for i in t], cfg.gen_tokens,
+                                   cfg.dtype, Path(cfg.out) / f"answers-{cfg.gen_tokens}.jsonl")
+    bar = tqdm(total=sum(map(len, todo)), desc="verifier answers", unit="answer", disable=not progress or not any(todo))
     t0, done = time.perf_counter(), 0
-    for j, (batch, got) in enumerate(zip(batches, got_all)):
-        if got is None:
-            if answers is not None:  # answered by vLLM: one transformers pass per answer for the hidden states
-                got = [answer_features(verifier, layer_ids, prompts[i], answers[tuple(prompts[i])]) for i in batch]
-            else:
-                got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
-            torch.save(got, cache / f"{j:05d}.pt")
-            done += sum(len(g["tokens"]) - g["start"] for g in got)
-        feats += got
-        bar.update(1)
+    next_file = max((int(f.stem) + 1 for f in cache.glob("*.pt") if f.stem.isdigit()), default=0)
+    for batch in filter(None, todo):
+        if answers is not None:  # answered by vLLM: one transformers pass per answer for the hidden states
+            got = [answer_features(verifier, layer_ids, prompts[i], answers[tuple(prompts[i])]) for i in batch]
+        else:
+            got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
+        torch.save(got, cache / f"{next_file:05d}.pt")
+        next_file += 1
+        cached.update((prompt_key(g), g) for g in got)
+        done += sum(len(g["tokens"]) - g["start"] for g in got)
+        bar.update(len(batch))
         bar.set_postfix(new_tok_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
+    feats = [cached[tuple(prompts[i])] for batch in batches for i in batch]
     return [f for f in feats if len(f["tokens"]) - cfg.block_size - 1 > f["start"]]
 
 
