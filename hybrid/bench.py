@@ -92,13 +92,14 @@ class BenchConfig:
 
 
 def parse_block_sizes(text: str | None) -> tuple | None:
-    """`2,4,8,auto` -> (2, 4, 8, "auto"); None or empty -> None."""
+    """`2,4,8,auto` -> (2, 4, 8, "auto"); None or empty -> None. `auto-notrim`: the coordinator without
+    trimming by confidence (each round's chosen block is verified whole)."""
     if not text:
         return None
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part == "auto":
-            out.append("auto")
+        if part in ("auto", "auto-notrim"):
+            out.append(part)
         elif part.isdigit() and int(part) >= 1:
             out.append(int(part))
         else:
@@ -500,7 +501,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     longest = max(len(ids) for ids in encoded)
     page_size = 16
     max_block = max([b for b in (cfg.block_sizes or ()) + (cfg.block_size,) if isinstance(b, int)] + [0])
-    max_block = max(max_block, 64 if "auto" in (cfg.block_sizes or ()) + (cfg.block_size,) else 0)
+    max_block = max(max_block, 64 if any(isinstance(b, str) for b in (cfg.block_sizes or ()) + (cfg.block_size,)) else 0)
     num_pages = -(-(longest + max(cfg.max_new_tokens, cfg.warmup_tokens) + max_block + 1) // page_size) + 1
     lookup_tokens = cfg.block_size if isinstance(cfg.block_size, int) else HF_LOOKUP_TOKENS
     eos = sorted(verifier.eos_token_ids)
@@ -540,7 +541,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             if method in ENGINE_METHODS:
                 # one Engine (one fresh page pool) per method, all over the one loaded verifier
                 engine = Engine(verifier, drafters[method], num_pages=num_pages, page_size=page_size)
-                g = GenerationConfig(**{**asdict(gen), "block_size": block_size})
+                g = GenerationConfig(**{**asdict(gen), "block_size": "auto" if block_size == "auto-notrim" else block_size,
+                                        "trim": block_size != "auto-notrim"})
                 engine.check(g)
 
                 def one(i, ids, n, seed, engine=engine, label=label, g=g):

@@ -55,6 +55,8 @@ def cli():
               help="Draft tokens per round, or auto (the coordinator picks per round).")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True,
               help="Denoising steps per draft, or auto (picked with --block-size auto; else 1).")
+@click.option("--trim/--no-trim", default=True, show_default=True,
+              help="With --block-size auto: verify only as much of each draft as the drafter's confidence pays for.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -67,12 +69,12 @@ def cli():
 @click.option("--num-pages", type=int, default=None, help="KV page budget (default: one full context window).")
 @click.option("--page-size", type=int, default=16, show_default=True)
 @_dtype_option
-def generate(prompt, verifier, drafter, block_size, steps, max_new_tokens, temperature, top_p, top_k, seed, stop,
+def generate(prompt, verifier, drafter, block_size, steps, trim, max_new_tokens, temperature, top_p, top_k, seed, stop,
              chat, as_json, device, num_pages, page_size, dtype):
     """Generate a continuation of PROMPT, streaming text as the verifier commits it."""
     from hybrid.engine import Engine, GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop))
+    cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop), trim=trim)
     cfg.sampling()  # validate what needs no model before loading models
     Engine.check_basic(cfg)
     if not prompt.strip():
@@ -168,7 +170,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
               help="Draft tokens per round, or auto (the coordinator); also hf-prompt-lookup's prompt_lookup_num_tokens.")
 @click.option("--block-sizes", default=None, metavar="LIST",
-              help="Run our drafters once per block size, e.g. 2,4,8,16,auto (shown as hybrid@8 ...).")
+              help="Run our drafters once per block size, e.g. 2,4,8,16,auto (shown as hybrid@8 ...); auto-notrim: auto verifying each chosen block whole.")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True, help="Denoising steps per draft, or auto.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy (outputs are then checked against plain).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)

@@ -24,6 +24,20 @@ commits exactly one token for v(0) seconds, so when no block is expected to pay 
 its longer verification (a poor drafter, a text it cannot guess) the sequence decodes plainly and loses
 only the exploration rounds, which keep measuring acceptance so drafting resumes when it pays again.
 Without it, B stays in [1, max].
+
+Trimming by confidence (`calibration`, the engine's default with block size auto). A drafter that
+reports its probability c_i of each drafted token lets a round draft the largest block B and then
+verify only its first L tokens, chosen per round: L maximises
+    E[tau | L] - rate * v(L),   E[tau | L] = 1 + sum_{i=1..L} prod_{j<=i} a(c_j),
+(the draft's seconds are spent whatever L is) with a(c) the acceptance of a token drafted with probability c,
+given the ones before it were accepted: a Beta posterior per bin of c over decayed counts of all
+sequences (prior mean: the bin's centre, i.e. a calibrated drafter). Confident stretches are verified
+long, doubtful ones short, which no fixed block size can do.
+Extending a draft from L to L + 1 tokens pays when P(all L + 1 accepted) > rate * (v(L + 1) - v(L)),
+which is what that argmax does, with `rate` the expected tokens per second of the best option. The
+drafted block is the size the position model would choose, or one more than the longest of the last
+`recent` verified lengths if larger (twice the last one when that used the whole draft), so drafting
+grows with what verification uses.
 """
 from __future__ import annotations
 
@@ -65,10 +79,15 @@ class CostModel:
         a = (sy - b * sx) / n
         return max(a + b * x, 1e-9)
 
-    def observe(self, block_size: int, steps: int, draft_s: float, verify_s: float) -> None:
-        if block_size > 0:
-            self._add(self.draft, steps * (block_size + 1), draft_s, self.decay)
+    def observe(self, block_size: int, steps: int, draft_s: float, verify_s: float, drafted: int | None = None) -> None:
+        """A round's timings: `drafted` tokens drafted (default block_size), block_size of them verified."""
+        drafted = block_size if drafted is None else drafted
+        if drafted > 0:
+            self._add(self.draft, steps * (drafted + 1), draft_s, self.decay)
         self._add(self.verify, block_size, verify_s, self.decay)
+
+    def verify_seconds(self, block_size: int) -> float:
+        return self._fit(self.verify, self.prior_verify, block_size)
 
     def seconds(self, block_size: int, steps: int) -> float:
         d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1)) if block_size else 0.0
@@ -114,6 +133,41 @@ class AcceptanceCounts:
 
 
 @dataclass
+class Calibration:
+    """Acceptance as a function of the drafter's confidence: decayed (reached, accepted) counts per bin of
+    the drafted token's probability, over positions whose predecessors were all accepted."""
+
+    bins: int = 10
+    decay: float = 0.998
+    prior_strength: float = 4.0
+    reached: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.reached = self.reached or [0.0] * self.bins
+        self.accepted = self.accepted or [0.0] * self.bins
+
+    def bin(self, conf: float) -> int:
+        return min(self.bins - 1, max(0, int(conf * self.bins)))
+
+    def alpha(self, conf: float) -> float:
+        """Posterior mean acceptance of a token drafted with probability `conf`."""
+        b = self.bin(conf)
+        prior = (b + 0.5) / self.bins
+        return (self.accepted[b] + self.prior_strength * prior) / (self.reached[b] + self.prior_strength)
+
+    def observe(self, conf: list[float], accepted: int) -> None:
+        """A verified draft with per-token confidences `conf`, of which the first `accepted` were accepted."""
+        for i in range(self.bins):
+            self.reached[i] *= self.decay
+            self.accepted[i] *= self.decay
+        for i, c in enumerate(conf[: accepted + 1]):
+            b = self.bin(c)
+            self.reached[b] += 1
+            self.accepted[b] += i < accepted
+
+
+@dataclass
 class Coordinator:
     """Per-sequence choice of (block size, steps). Call `next()` before a round, `observe()` after it."""
 
@@ -127,6 +181,10 @@ class Coordinator:
     allow_plain: bool = False  # B = 0 (no draft) is a candidate when drafting does not pay
     # engine-wide counts (slow decay) that a new sequence starts from instead of a flat prior; None: per sequence only
     shared: AcceptanceCounts | None = None
+    # engine-wide acceptance per drafter confidence: when set, rounds draft the largest block and trim()
+    # chooses how much of it to verify; None: the block size chosen before drafting is verified whole
+    calibration: Calibration | None = None
+    recent: int = 8  # trimmed rounds whose verified lengths bound the next draft (with calibration)
     _acc: AcceptanceCounts = field(init=False)
     _rng: random.Random = field(init=False)
 
@@ -137,6 +195,8 @@ class Coordinator:
             raise ValueError("shared acceptance counts must cover the same maximum block size")
         self._rng = random.Random(self.seed)
         self._acc = AcceptanceCounts(self.max_block_size, self.decay, self.prior_strength)
+        self._verified: list[int] = []  # the last `recent` trimmed lengths
+        self._hit_cap = False  # the last trimmed round verified all it drafted
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
 
     def alphas(self, steps: int = 1) -> list[float]:
@@ -164,12 +224,16 @@ class Coordinator:
         return self.expected_tau(block_size, steps) / self.costs.seconds(block_size, steps)
 
     def best(self) -> tuple[int, int]:
+        b, t, _ = self.best_option()
+        return b, t
+
+    def best_option(self) -> tuple[int, int, float]:
+        """(block size, steps, expected tokens per second) of the best option."""
         options = [(0, 0, 1 / self.costs.seconds(0, 0))] if self.allow_plain else []
         for t in self.step_options:
             taus = self.expected_taus(t)
             options += [(b, t, taus[b] / self.costs.seconds(b, t)) for b in range(max(1, t), self.max_block_size + 1)]
-        b, t, _ = max(options, key=lambda o: o[2])
-        return b, t
+        return max(options, key=lambda o: o[2])
 
     def next(self, limit: int | None = None) -> tuple[int, int]:
         """The next (block size, steps): block size in [1, min(max, limit)], or 0 (steps 0) with allow_plain."""
@@ -180,13 +244,37 @@ class Coordinator:
         b, t = self.best()
         if b == 0:
             return 0, 0
+        if self.calibration is not None and self._verified:  # draft a little more than was recently worth verifying
+            b = max(b, 2 * self._verified[-1] if self._hit_cap else max(self._verified) + 1)
         return min(b, top), min(t, min(b, top))
 
-    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        """Feedback after a round: its block size, steps, accepted count and timings."""
-        self.costs.observe(block_size, steps, draft_s, verify_s)
+    def trim(self, conf: list[float] | None, draft_s: float) -> int:
+        """How many of a draft's tokens to verify, given the drafter's confidence in each ([B]): the L in
+        [1, B] that maximises E[tau | L] - rate * v(L), with `rate` the tokens per second the sequence
+        expects (its best option's); the draft's own seconds are spent whatever L is."""
+        if self.calibration is None or not conf:
+            return len(conf) if conf else 0
+        rate = self.best_option()[2]
+        best, best_gain, tau, run = 1, float("-inf"), 1.0, 1.0
+        for length, c in enumerate(conf, start=1):
+            run *= self.calibration.alpha(c)
+            tau += run
+            gain = tau - rate * self.costs.verify_seconds(length)
+            if gain > best_gain:
+                best, best_gain = length, gain
+        self._verified = (self._verified + [best])[-self.recent:]
+        self._hit_cap = best == len(conf)
+        return best
+
+    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
+                drafted: int | None = None, conf: list[float] | None = None) -> None:
+        """Feedback after a round: block size verified, steps, accepted count, timings, and (trimmed
+        rounds) the tokens drafted and the verified tokens' confidences."""
+        self.costs.observe(block_size, steps, draft_s, verify_s, drafted)
         if block_size <= 0:
             return
+        if self.calibration is not None and conf:
+            self.calibration.observe(conf[:block_size], accepted)
         self._acc.observe(block_size, steps, accepted)
         if self.shared is not None:
             self.shared.observe(block_size, steps, accepted)

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from hybrid.acceptance import SamplingParams
-from hybrid.coordinator import AcceptanceCounts, Coordinator, CostModel
+from hybrid.coordinator import AcceptanceCounts, Calibration, Coordinator, CostModel
 from hybrid.errors import UserError
 from hybrid.loop import FixedSchedule, LoopConfig, Round, speculative_decode
 from hybrid.pages import PagePool
@@ -27,6 +27,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
+    trim: bool = True  # with block size auto: draft the largest block, verify as much as the drafter's confidence pays for
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
@@ -98,6 +99,7 @@ class Engine:
         self.pool = PagePool(num_pages, page_size, verifier.device)
         self.costs = CostModel()  # draft/verify timings, shared by the coordinators of all requests
         self.acceptance = None  # engine-wide acceptance counts the coordinators start from (made on first use)
+        self.calibration = Calibration()  # engine-wide acceptance per drafter confidence (trimmed rounds)
         verifier.attach(self.pool)
         if drafter is not None:
             drafter.attach(self.pool, verifier)
@@ -147,7 +149,7 @@ class Engine:
         if self.acceptance is None or self.acceptance.max_block_size != self.drafter.max_block_size:
             self.acceptance = AcceptanceCounts(self.drafter.max_block_size, decay=0.995)
         return Coordinator(self.drafter.max_block_size, max_steps, costs=self.costs, seed=cfg.seed or 0,
-                           allow_plain=True, shared=self.acceptance)
+                           allow_plain=True, shared=self.acceptance, calibration=self.calibration if cfg.trim else None)
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
                schedule=None) -> Iterator[StreamEvent]:

@@ -44,7 +44,10 @@ class Schedule(Protocol):
 
     def next(self, limit: int | None = None) -> tuple[int, int]: ...
 
-    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float) -> None: ...
+    def trim(self, conf: list[float] | None, draft_s: float) -> int: ...
+
+    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
+                drafted: int | None = None, conf: list[float] | None = None) -> None: ...
 
 
 @dataclass
@@ -55,7 +58,10 @@ class FixedSchedule:
     def next(self, limit: int | None = None) -> tuple[int, int]:
         return self.block_size, self.steps
 
-    def observe(self, *args) -> None:
+    def trim(self, conf, draft_s: float) -> int:
+        return len(conf) if conf else 0
+
+    def observe(self, *args, **kw) -> None:
         pass
 
 
@@ -122,6 +128,10 @@ def speculative_decode(
                 draft = drafter.propose(ctx, block_size, steps, (params, generator))
             _sync(verifier.device)
             t1 = time.perf_counter()
+            drafted, conf = draft.size, None
+            if draft.conf is not None and draft.size > 1:  # verify only as much as the schedule expects to pay
+                conf = draft.conf.tolist()
+                draft = draft.prefix(max(1, schedule.trim(conf, t1 - t0)))
 
             # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
             inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]
@@ -154,7 +164,7 @@ def speculative_decode(
                 drafter.observe(ctx, out.hidden[: acc.accepted + 1], n - 1)
 
             # 7. coordinate: the schedule hears what this round cost and how much it kept
-            schedule.observe(draft.size, steps, acc.accepted, t1 - t0, t2 - t1)
+            schedule.observe(draft.size, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf)
 
             yield Round(new, draft.size, steps if draft.size else 0, acc.accepted, t1 - t0, t2 - t1, finish)
             if finish is not None:

@@ -173,16 +173,16 @@ def test_plot_without_matplotlib_is_one_line_error(models, tmp_path, capsys):
 def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
     from hybrid.bench import parse_block_sizes
 
-    assert parse_block_sizes("2, 4,auto,4") == (2, 4, "auto")
+    assert parse_block_sizes("2, 4,auto,4,auto-notrim") == (2, 4, "auto", "auto-notrim")
     with pytest.raises(UserError):
         parse_block_sizes("2,zero")
     verifier, assistant, drafter, prompts = models
     code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--drafter", str(drafter), "--prompts",
                              str(prompts), "--max-new-tokens", "10", "--methods", "plain,hybrid",
-                             "--block-sizes", "1,4,auto", "--json")
+                             "--block-sizes", "1,4,auto,auto-notrim", "--json")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert list(result["methods"]) == ["plain", "hybrid@1", "hybrid@4", "hybrid@auto"]
+    assert list(result["methods"]) == ["plain", "hybrid@1", "hybrid@4", "hybrid@auto", "hybrid@auto-notrim"]
     assert all(result["identical_to_plain"].values())
     assert set(result["methods"]["hybrid@4"][ALL]["block_sizes"]) <= {"4", "3", "2", "1", "0"}
     assert set(result["methods"]["hybrid@1"][ALL]["block_sizes"]) <= {"1", "0"}  # 0: the last token of a prompt

@@ -150,3 +150,81 @@ def test_untried_step_counts_lean_on_the_one_step_estimate():
     for _ in range(30):  # measured: two passes accept far more
         coord.observe(8, 2, 8, draft_cost(8, 2), verify_cost(8))
     assert coord.next()[1] == 2
+
+
+# -- trimming by the drafter's confidence -------------------------------------------------------------
+def test_calibration_learns_acceptance_per_confidence():
+    """Tokens drafted at 0.95 that are accepted 60 % of the time, at 0.15 5 %: the per-bin posterior
+    finds both, and only positions whose predecessors were accepted count."""
+    from hybrid.coordinator import Calibration
+
+    cal, rng = Calibration(decay=1.0), random.Random(0)
+    assert cal.alpha(0.95) == pytest.approx(0.95) and cal.alpha(0.15) == pytest.approx(0.15)  # prior: calibrated
+    for _ in range(3000):
+        conf = [0.95 if rng.random() < 0.5 else 0.15 for _ in range(4)]
+        accepted = 0
+        while accepted < 4 and rng.random() < (0.6 if conf[accepted] == 0.95 else 0.05):
+            accepted += 1
+        cal.observe(conf, accepted)
+    assert cal.alpha(0.95) == pytest.approx(0.6, abs=0.03) and cal.alpha(0.15) == pytest.approx(0.05, abs=0.02)
+    assert cal.alpha(0.55) == pytest.approx(0.55)  # a bin never seen keeps its prior
+
+
+def test_trim_verifies_the_confident_stretch():
+    """Extending a draft pays while P(all accepted) beats rate * (v(L+1) - v(L)): a confident run is
+    verified to its end, a doubtful first token alone, never less than one token or more than drafted."""
+    from hybrid.coordinator import Calibration
+
+    coord = Coordinator(MAX_B, costs=CostModel(), calibration=Calibration(), seed=0)
+    for _ in range(30):
+        coord.costs.observe(4, 1, draft_cost(4, 1), verify_cost(4), drafted=8)
+        coord.costs.observe(1, 1, draft_cost(1, 1), verify_cost(1))
+    assert coord.trim([0.99, 0.99, 0.99, 0.05, 0.99, 0.99], 0.01) == 3
+    assert coord.trim([0.02] * 8, 0.01) == 1
+    assert coord.trim([0.99] * 5, 0.01) == 5
+    assert coord.trim(None, 0.01) == 0 and Coordinator(MAX_B).trim([0.1, 0.2], 0.01) == 2  # no calibration: whole
+
+
+def _trimmed_rate(trim: bool, rounds: int, p_easy: float) -> float:
+    """Tokens per second of the coordinator on a drafter whose rounds are mostly easy or mostly hard
+    (confidence 0.95 or 0.25 per token; accepted 90 % or 5 %), synthetic costs."""
+    from hybrid.coordinator import Calibration
+
+    rng = random.Random(1)
+    coord = Coordinator(MAX_B, calibration=Calibration() if trim else None, seed=3)
+    tokens = seconds = 0.0
+    for _ in range(rounds):
+        b, t = coord.next()
+        p = 0.9 if rng.random() < p_easy else 0.1
+        conf = [0.95 if rng.random() < p else 0.25 for _ in range(b)]
+        d = draft_cost(b, t)
+        n = coord.trim(conf, d) if trim else b
+        accepted = 0
+        while accepted < n and rng.random() < (0.9 if conf[accepted] == 0.95 else 0.05):
+            accepted += 1
+        coord.observe(n, t, accepted, d, verify_cost(n), drafted=b, conf=conf)
+        tokens, seconds = tokens + accepted + 1, seconds + d + verify_cost(n)
+    return tokens / seconds
+
+
+def _fixed_rate(b: int, rounds: int, p_easy: float) -> float:
+    rng = random.Random(1)
+    tokens = seconds = 0.0
+    for _ in range(rounds):
+        p = 0.9 if rng.random() < p_easy else 0.1
+        conf = [0.95 if rng.random() < p else 0.25 for _ in range(b)]
+        accepted = 0
+        while accepted < b and rng.random() < (0.9 if conf[accepted] == 0.95 else 0.05):
+            accepted += 1
+        tokens, seconds = tokens + accepted + 1, seconds + draft_cost(b, 1) + verify_cost(b)
+    return tokens / seconds
+
+
+@pytest.mark.parametrize("p_easy", [0.3, 0.6])
+def test_trimming_beats_every_fixed_block_size_when_confidence_tells(p_easy):
+    """Rounds that are easy or hard as a whole (as code and prose are): a fixed size fits neither, the
+    untrimmed coordinator finds the best fixed size at best, trimming verifies each round as far as it pays
+    and beats every fixed size by 10 % (analytic rates of a synthetic drafter, not timings)."""
+    best_fixed = max(_fixed_rate(b, 2000, p_easy) for b in range(1, MAX_B + 1))
+    assert _trimmed_rate(True, 2000, p_easy) >= 1.1 * best_fixed
+    assert _trimmed_rate(True, 2000, p_easy) > _trimmed_rate(False, 2000, p_easy)

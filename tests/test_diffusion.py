@@ -85,6 +85,49 @@ def test_multi_step_commits_confident_positions_and_fills_the_block():
         assert draft.tokens.shape == (8,) and d.config.mask_token_id not in draft.tokens.tolist()
 
 
+def test_confidence_is_each_tokens_probability_when_committed():
+    """Draft.conf[i] is the drafter's probability of token i at the step that committed it: at T=1 the
+    softmax max of each position (what the coordinator's trimming reads)."""
+    v = make_verifier("qwen3")
+    d = drafter_for(v)
+    tokens = [5, 9, 14, 20, 33, 7, 8]
+    draft = run_draft(v, d, tokens, 6, 1)
+    with torch.no_grad():
+        hs = v.model(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+        ctx_kv = d.model.context_kv(d.model.context(torch.cat([hs[i + 1][0] for i in d.capture_layers], -1)),
+                                    torch.arange(len(tokens) - 1))
+        ids = torch.tensor([tokens[-1]] + [d.config.mask_token_id] * 6)
+        out = d.model(v.model.get_input_embeddings()(ids), torch.arange(len(tokens) - 1, len(tokens) + 6), ctx_kv)
+        probs = torch.softmax(v.head(out[1:]).float(), -1)  # [6, V]
+    torch.testing.assert_close(draft.conf, probs.max(-1).values, atol=1e-5, rtol=1e-4)
+    many = run_draft(v, d, tokens, 6, 3)
+    assert many.conf.shape == (6,) and ((many.conf > 0) & (many.conf <= 1)).all()
+    assert draft.prefix(2).tokens.tolist() == draft.tokens[:2].tolist() and draft.prefix(2).conf.shape == (2,)
+
+
+def test_auto_with_trimming_is_lossless_and_verifies_less_than_it_drafts():
+    """Block size auto with the diffusion drafter: rounds draft a block and verify a prefix chosen by the
+    drafter's confidence; greedy output is still plain greedy decoding, sampled decoding runs."""
+    from conftest import greedy_reference
+
+    from hybrid.engine import Engine, GenerationConfig
+
+    v = make_verifier("qwen3")
+    engine = Engine(v, drafter_for(v), num_pages=32, page_size=8)
+    prompt = [5, 9, 14, 20, 33]
+    trims = []  # (drafted, verified) per round
+    for seed in range(3):
+        sched = engine.schedule(GenerationConfig(seed=seed))
+        real = sched.trim
+        sched.trim = lambda conf, s, real=real: trims.append((len(conf), real(conf, s))) or trims[-1][1]
+        r = engine.generate(prompt, GenerationConfig(max_new_tokens=24, stop_on_eos=False, seed=seed), schedule=sched)
+        assert r.token_ids == greedy_reference(v, prompt, 24)
+    assert all(1 <= l <= n for n, l in trims) and any(l < n for n, l in trims)  # an untrained drafter: trimmed
+    assert sum(engine.calibration.reached) > 0  # the engine-wide calibration heard the verified tokens
+    r = engine.generate(prompt, GenerationConfig(max_new_tokens=12, temperature=0.8, seed=1))
+    assert r.new_tokens >= 1
+
+
 def test_draft_vocabulary_restricts_proposals_and_stays_lossless(tmp_path):
     """A drafter with a draft vocabulary proposes only those ids (greedy: the argmax among them; sampled:
     q is zero elsewhere and sums to 1), survives save/load, and greedy decoding with it is plain greedy."""

@@ -181,7 +181,7 @@ def generate_auto(drafter_seed: int, draft_s, verify_s):
     ref = greedy_reference(v, PROMPT, N)
     engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=drafter_seed)), num_pages=16, page_size=8)
     observe = engine.costs.observe
-    engine.costs.observe = lambda b, t, d, vs: observe(b, t, draft_s(b, t), verify_s(b))
+    engine.costs.observe = lambda b, t, d, vs, drafted=None: observe(b, t, draft_s(drafted or b, t), verify_s(b), drafted)
     return engine.generate(PROMPT, GenerationConfig(max_new_tokens=N, stop_on_eos=False)), ref
 
 

@@ -13,10 +13,18 @@ from hybrid.pages import PagePool, Sequence
 class Draft:
     tokens: torch.Tensor  # [B] int64; B may be shorter than asked (0: nothing to propose)
     q: torch.Tensor | None = None  # [B, V] proposal probabilities; None: deterministic (one-hot at tokens)
+    conf: torch.Tensor | None = None  # [B] the drafter's probability of each drafted token; None: unknown
 
     @property
     def size(self) -> int:
         return int(self.tokens.numel())
+
+    def prefix(self, n: int) -> "Draft":
+        """The first n draft tokens (a draft trimmed before verification)."""
+        if n >= self.size:
+            return self
+        cut = lambda t: None if t is None else t[:n]
+        return Draft(self.tokens[:n], cut(self.q), cut(self.conf))
 
 
 @dataclass

@@ -358,6 +358,7 @@ class DiffusionDrafter:
         masked = torch.ones(block_size, dtype=torch.bool, device=device)  # [B]
         q = None if params.greedy or c.draft_sampling == "argmax" else torch.zeros(block_size, self.head.weight.shape[0], device=device)
         vocab = None if self.draft_vocab is None else self.draft_vocab.to(device)  # [V']
+        confidence = torch.zeros(block_size, device=device)  # [B] each token's probability when it was committed
         for k in unmask_schedule(block_size, steps):
             h = self.model(self.embed(ids), positions, ctx_kv)  # [B+1, H]
             logits = self.draft_logits(h[1:])  # [B, V'] (V' = V without a draft vocabulary)
@@ -371,10 +372,11 @@ class DiffusionDrafter:
             conf = conf.masked_fill(~masked, -1.0)
             pick = conf.topk(k).indices  # the k most confident masked positions
             ids[1 + pick] = tok[pick] if vocab is None else vocab[tok[pick]]
+            confidence[pick] = conf[pick]
             if q is not None:
                 if vocab is None:
                     q[pick] = probs[pick]
                 else:
                     q[pick[:, None], vocab[None]] = probs[pick]  # zero outside the draft vocabulary
             masked[pick] = False
-        return Draft(ids[1:].clone(), q)
+        return Draft(ids[1:].clone(), q, confidence.float().cpu())
