@@ -51,30 +51,37 @@ TIPS = [
 ]
 
 
-def functions(root: Path, rng: random.Random, limit: int):
-    """(signature-and-docstring source, name, args, first docstring line) of stdlib functions."""
-    files = sorted(p for p in root.glob("*.py"))
+def documented_functions(files: list[Path], rng: random.Random):
+    """Per file (shuffled): (source lines, [public functions with a docstring of 40+ characters])."""
+    files = list(files)
     rng.shuffle(files)
-    out = []
     for f in files:
         try:
             src = f.read_text(encoding="utf-8")
             tree = ast.parse(src)
-        except (SyntaxError, UnicodeDecodeError):
+        except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        lines = src.splitlines(keepends=True)
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.col_offset != 0:
+        nodes = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+                 and n.body and len(ast.get_docstring(n) or "") >= 40]
+        yield src.splitlines(keepends=True), nodes
+
+
+def summary(node) -> str:
+    return ast.get_docstring(node).split("\n\n")[0].replace("\n", " ").strip()
+
+
+def functions(root: Path, rng: random.Random, limit: int):
+    """(signature-and-docstring source, name, args, first docstring line) of stdlib functions."""
+    out = []
+    for lines, nodes in documented_functions(sorted(root.glob("*.py")), rng):
+        for node in nodes:
+            if node.col_offset != 0:
                 continue
-            doc = ast.get_docstring(node)
-            if not doc or len(doc) < 40 or not node.body:
-                continue
-            first = node.body[0]
-            head = "".join(lines[node.lineno - 1 : first.end_lineno])
+            head = "".join(lines[node.lineno - 1 : node.body[0].end_lineno])
             if len(head) > 1200:
                 continue
             args = ", ".join(a.arg for a in node.args.args)
-            out.append((head, node.name, args, doc.split("\n\n")[0].replace("\n", " ").strip()))
+            out.append((head, node.name, args, summary(node)))
             break  # one function per module: variety
         if len(out) >= limit:
             break
@@ -175,29 +182,16 @@ ASKS_2 = [
 def all_functions(root: Path, rng: random.Random, skip: set[str], limit: int, per_file: int = 3):
     """Like functions(), from every module and subpackage, methods included, several per file."""
     files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "idlelib", "site-packages"} & set(p.parts))
-    rng.shuffle(files)
     out = []
-    for f in files:
-        try:
-            src = f.read_text(encoding="utf-8")
-            tree = ast.parse(src)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        lines = src.splitlines(keepends=True)
+    for lines, nodes in documented_functions(files, rng):
         found = 0
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or not node.body:
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or len(doc) < 40:
-                continue
+        for node in nodes:
             whole = "".join(lines[node.lineno - 1: node.end_lineno])
             head = "".join(lines[node.lineno - 1: node.body[0].end_lineno])
             if len(whole) > 1500 or head in skip or node.end_lineno - node.lineno < 4:
                 continue
             args = ", ".join(a.arg for a in node.args.args if a.arg != "self")
-            out.append((textwrap.dedent(head), textwrap.dedent(whole), node.name, args,
-                        doc.split("\n\n")[0].replace("\n", " ").strip()))
+            out.append((textwrap.dedent(head), textwrap.dedent(whole), node.name, args, summary(node)))
             found += 1
             if found == per_file:
                 break

@@ -60,21 +60,24 @@ def run_draft(v, d, tokens, block_size, steps):
     return d.propose(ctx, block_size, steps, (SamplingParams(), None))
 
 
+@torch.no_grad()
+def direct_block_logits(v, d, tokens, n):
+    """The DFlash function computed directly from the verifier's hidden states: [n, V] block logits."""
+    hs = v.model(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+    h = torch.cat([hs[i + 1][0] for i in d.capture_layers], -1)  # outputs of the chosen layers
+    ctx_kv = d.model.context_kv(d.model.context(h), torch.arange(len(tokens) - 1))
+    ids = torch.tensor([tokens[-1]] + [d.config.mask_token_id] * n)
+    out = d.model(v.model.get_input_embeddings()(ids), torch.arange(len(tokens) - 1, len(tokens) + n), ctx_kv)
+    return v.head(out[1:])
+
+
 def test_one_step_draft_equals_a_direct_full_block_forward():
     """T=1 through the pages == the DFlash function computed directly from the verifier's hidden states."""
     v = make_verifier("qwen3")
     d = drafter_for(v)
     tokens = [5, 9, 14, 20, 33, 7, 8]
     draft = run_draft(v, d, tokens, 6, 1)
-    with torch.no_grad():
-        hs = v.model(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
-        h = torch.cat([hs[i + 1][0] for i in d.capture_layers], -1)  # outputs of the chosen layers
-        feats = d.model.context(h)
-        ctx_kv = d.model.context_kv(feats, torch.arange(len(tokens) - 1))
-        ids = torch.tensor([tokens[-1]] + [d.config.mask_token_id] * 6)
-        out = d.model(v.model.get_input_embeddings()(ids), torch.arange(len(tokens) - 1, len(tokens) + 6), ctx_kv)
-        expected = v.head(out[1:]).argmax(-1)
-    assert draft.tokens.tolist() == expected.tolist()
+    assert draft.tokens.tolist() == direct_block_logits(v, d, tokens, 6).argmax(-1).tolist()
 
 
 def test_multi_step_commits_confident_positions_and_fills_the_block():
@@ -92,13 +95,7 @@ def test_confidence_is_each_tokens_probability_when_committed():
     d = drafter_for(v)
     tokens = [5, 9, 14, 20, 33, 7, 8]
     draft = run_draft(v, d, tokens, 6, 1)
-    with torch.no_grad():
-        hs = v.model(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
-        ctx_kv = d.model.context_kv(d.model.context(torch.cat([hs[i + 1][0] for i in d.capture_layers], -1)),
-                                    torch.arange(len(tokens) - 1))
-        ids = torch.tensor([tokens[-1]] + [d.config.mask_token_id] * 6)
-        out = d.model(v.model.get_input_embeddings()(ids), torch.arange(len(tokens) - 1, len(tokens) + 6), ctx_kv)
-        probs = torch.softmax(v.head(out[1:]).float(), -1)  # [6, V]
+    probs = torch.softmax(direct_block_logits(v, d, tokens, 6).float(), -1)  # [6, V]
     torch.testing.assert_close(draft.conf, probs.max(-1).values, atol=1e-5, rtol=1e-4)
     many = run_draft(v, d, tokens, 6, 3)
     assert many.conf.shape == (6,) and ((many.conf > 0) & (many.conf <= 1)).all()
