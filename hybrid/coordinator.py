@@ -181,7 +181,7 @@ class Coordinator:
     allow_plain: bool = False  # B = 0 (no draft) is a candidate when drafting does not pay
     # engine-wide counts (slow decay) that a new sequence starts from instead of a flat prior; None: per sequence only
     shared: AcceptanceCounts | None = None
-    # engine-wide acceptance per drafter confidence: when set, rounds draft the largest block and trim()
+    # engine-wide acceptance per drafter confidence: when set, rounds draft a block and trim()
     # chooses how much of it to verify; None: the block size chosen before drafting is verified whole
     calibration: Calibration | None = None
     recent: int = 8  # trimmed rounds whose verified lengths bound the next draft (with calibration)
@@ -248,12 +248,12 @@ class Coordinator:
             b = max(b, 2 * self._verified[-1] if self._hit_cap else max(self._verified) + 1)
         return min(b, top), min(t, min(b, top))
 
-    def trim(self, conf: list[float] | None, draft_s: float) -> int:
+    def trim(self, conf: list[float]) -> int:
         """How many of a draft's tokens to verify, given the drafter's confidence in each ([B]): the L in
         [1, B] that maximises E[tau | L] - rate * v(L), with `rate` the tokens per second the sequence
         expects (its best option's); the draft's own seconds are spent whatever L is."""
         if self.calibration is None or not conf:
-            return len(conf) if conf else 0
+            return len(conf)
         rate = self.best_option()[2]
         best, best_gain, tau, run = 1, float("-inf"), 1.0, 1.0
         for length, c in enumerate(conf, start=1):

@@ -27,7 +27,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
-    trim: bool = True  # with block size auto: draft the largest block, verify as much as the drafter's confidence pays for
+    trim: bool = True  # with block size auto: verify as much of each draft as the drafter's confidence pays for
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)

@@ -44,7 +44,7 @@ class Schedule(Protocol):
 
     def next(self, limit: int | None = None) -> tuple[int, int]: ...
 
-    def trim(self, conf: list[float] | None, draft_s: float) -> int: ...
+    def trim(self, conf: list[float]) -> int: ...
 
     def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
                 drafted: int | None = None, conf: list[float] | None = None) -> None: ...
@@ -58,8 +58,8 @@ class FixedSchedule:
     def next(self, limit: int | None = None) -> tuple[int, int]:
         return self.block_size, self.steps
 
-    def trim(self, conf, draft_s: float) -> int:
-        return len(conf) if conf else 0
+    def trim(self, conf: list[float]) -> int:
+        return len(conf)
 
     def observe(self, *args, **kw) -> None:
         pass
@@ -128,10 +128,10 @@ def speculative_decode(
                 draft = drafter.propose(ctx, block_size, steps, (params, generator))
             _sync(verifier.device)
             t1 = time.perf_counter()
-            drafted, conf = draft.size, None
-            if draft.conf is not None and draft.size > 1:  # verify only as much as the schedule expects to pay
-                conf = draft.conf.tolist()
-                draft = draft.prefix(max(1, schedule.trim(conf, t1 - t0)))
+            drafted = draft.size
+            conf = None if draft.conf is None else draft.conf.tolist()  # [B] the drafter's confidence per token
+            if conf is not None and draft.size > 1:  # verify only as much as the schedule expects to pay
+                draft = draft.prefix(max(1, schedule.trim(conf)))
 
             # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
             inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]

@@ -179,10 +179,10 @@ def test_trim_verifies_the_confident_stretch():
     for _ in range(30):
         coord.costs.observe(4, 1, draft_cost(4, 1), verify_cost(4), drafted=8)
         coord.costs.observe(1, 1, draft_cost(1, 1), verify_cost(1))
-    assert coord.trim([0.99, 0.99, 0.99, 0.05, 0.99, 0.99], 0.01) == 3
-    assert coord.trim([0.02] * 8, 0.01) == 1
-    assert coord.trim([0.99] * 5, 0.01) == 5
-    assert coord.trim(None, 0.01) == 0 and Coordinator(MAX_B).trim([0.1, 0.2], 0.01) == 2  # no calibration: whole
+    assert coord.trim([0.99, 0.99, 0.99, 0.05, 0.99, 0.99]) == 3
+    assert coord.trim([0.02] * 8) == 1
+    assert coord.trim([0.99] * 5) == 5
+    assert coord.trim([]) == 0 and Coordinator(MAX_B).trim([0.1, 0.2]) == 2  # no calibration: whole
 
 
 def _trimmed_rate(trim: bool, rounds: int, p_easy: float) -> float:
@@ -198,7 +198,7 @@ def _trimmed_rate(trim: bool, rounds: int, p_easy: float) -> float:
         p = 0.9 if rng.random() < p_easy else 0.1
         conf = [0.95 if rng.random() < p else 0.25 for _ in range(b)]
         d = draft_cost(b, t)
-        n = coord.trim(conf, d) if trim else b
+        n = coord.trim(conf) if trim else b
         accepted = 0
         while accepted < n and rng.random() < (0.9 if conf[accepted] == 0.95 else 0.05):
             accepted += 1

@@ -116,7 +116,7 @@ def test_auto_with_trimming_is_lossless_and_verifies_less_than_it_drafts():
     for seed in range(3):
         sched = engine.schedule(GenerationConfig(seed=seed))
         real = sched.trim
-        sched.trim = lambda conf, s, real=real: trims.append((len(conf), real(conf, s))) or trims[-1][1]
+        sched.trim = lambda conf, real=real: trims.append((len(conf), real(conf))) or trims[-1][1]
         r = engine.generate(prompt, GenerationConfig(max_new_tokens=24, stop_on_eos=False, seed=seed), schedule=sched)
         assert r.token_ids == greedy_reference(v, prompt, 24)
     assert all(1 <= l <= n for n, l in trims) and any(l < n for n, l in trims)  # an untrained drafter: trimmed
