@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,7 @@ class BenchConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     block_size: int | str = 8  # or "auto": the coordinator picks per round
     block_sizes: tuple | None = None  # e.g. (2, 4, 8, 16, "auto"): our drafters once per size, as "hybrid@8"
+    lookup: int = 2  # our engine's prompt lookup before the drafter (GenerationConfig.lookup; 0: off)
     steps: int | str = "auto"  # "auto": 1 at a fixed block size, the coordinator's choice with block size auto
     temperature: float = 0.0
     top_p: float = 1.0
@@ -91,20 +93,29 @@ class BenchConfig:
     warmup_tokens: int = WARMUP_TOKENS
 
 
+VARIANT = re.compile(r"^(auto(-notrim)?|[1-9][0-9]*)(-nolookup)?$")
+
+
 def parse_block_sizes(text: str | None) -> tuple | None:
-    """`2,4,8,auto` -> (2, 4, 8, "auto"); None or empty -> None. `auto-notrim`: the coordinator without
-    trimming by confidence (each round's chosen block is verified whole)."""
+    """`2,4,8,auto` -> (2, 4, 8, "auto"); None or empty -> None. Variants: `auto-notrim`, the coordinator
+    without trimming by confidence (each round's chosen block is verified whole); a `-nolookup` suffix
+    (`auto-nolookup`, `4-nolookup`), the drafter alone without prompt lookup."""
     if not text:
         return None
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part in ("auto", "auto-notrim"):
-            out.append(part)
-        elif part.isdigit() and int(part) >= 1:
-            out.append(int(part))
-        else:
+        if not VARIANT.match(part):
             raise UserError(f"--block-sizes: {part!r} is neither a positive integer nor auto (e.g. 2,4,8,16,auto)")
+        out.append(int(part) if part.isdigit() else part)
     return tuple(dict.fromkeys(out))
+
+
+def variant_settings(b: int | str, lookup: int) -> dict:
+    """A --block-sizes entry -> GenerationConfig fields (block_size, trim, lookup)."""
+    name = str(b)
+    size = name.split("-")[0]
+    return {"block_size": "auto" if size == "auto" else int(size), "trim": "-notrim" not in name,
+            "lookup": 0 if name.endswith("-nolookup") else lookup}
 
 
 def parse_methods(text: str | None, backend: str = "transformers") -> tuple[str, ...]:
@@ -178,6 +189,7 @@ class PromptRun:
     committed_per_round: list[int] | None  # acceptance length tau of each round
     draft_s: float | None
     verify_s: float | None
+    lookup_rounds: int = 0  # rounds drafted by prompt lookup (our engine)
 
 
 @dataclass
@@ -199,6 +211,7 @@ class MethodStats:
     draft_share: float | None  # share of wall time spent drafting
     verify_share: float | None  # share of wall time in verifier forward passes (prefill included)
     identical_to_plain: bool | None  # temperature 0 only
+    lookup_share: float | None = None  # share of rounds drafted by prompt lookup (our engine)
 
 
 @dataclass
@@ -254,7 +267,7 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
     ms = lambda q: None if not tpot else _percentile(tpot, q) * 1e3  # noqa: E731
     tau = [t for r in runs for t in (r.committed_per_round or [])]
     known_tau = all(r.committed_per_round is not None for r in runs)
-    per_pos = None
+    per_pos, rounds = None, []
     if all(r.rounds is not None for r in runs):
         rounds = [x for r in runs for x in r.rounds]
         depth = max((d for d, _ in rounds), default=0)
@@ -282,6 +295,8 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
         draft_share=share("draft_s"),
         verify_share=share("verify_s"),
         identical_to_plain=None,
+        lookup_share=(sum(r.lookup_rounds for r in runs) / len(rounds)
+                      if all(r.rounds is not None for r in runs) and rounds else None),
     )
 
 
@@ -330,6 +345,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
     rounds: list[tuple[int, int]] = []
     committed: list[int] = []
     draft_s = verify_s = 0.0
+    lookups = 0
     ttft = None
     _sync(device)
     t0 = t_prev = time.perf_counter()
@@ -342,6 +358,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
         if r.block_size or r.tokens:  # a round (the prefill event commits nothing)
             rounds.append((r.block_size, r.accepted))
             committed.append(len(r.tokens))
+            lookups += r.lookup
         if ev.tokens:
             if ttft is None:
                 ttft = t - t0
@@ -352,7 +369,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
     _sync(device)
     wall = time.perf_counter() - t0
     return PromptRun(method, category, index, ids, wall, ttft if ttft is not None else wall, tpot, rounds,
-                     committed, draft_s, verify_s)
+                     committed, draft_s, verify_s, lookups)
 
 
 # -- timing transformers' generate -----------------------------------------------------------
@@ -480,7 +497,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
 
     methods = list(cfg.methods)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size, steps=cfg.steps,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, seed=cfg.seed)
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, seed=cfg.seed, lookup=cfg.lookup)
     Engine.check_basic(gen)  # bad figures fail before any model loads
     if cfg.warmup_tokens < 1:
         raise UserError(f"warm-up tokens must be >= 1, got {cfg.warmup_tokens}")
@@ -516,6 +533,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             spec = {"plain": "none", "ngram": "ngram", "hybrid": drafter_spec}[method]
             drafters[method] = d = load_drafter(spec, verifier, cfg.dtype, cfg.device)
             for b in (cfg.block_sizes or (cfg.block_size,)) if method != "plain" else ():
+                b = variant_settings(b, 0)["block_size"]
                 if d is not None and isinstance(b, int) and b > d.max_block_size:
                     raise UserError(f"block size {b} is above the {method} drafter's maximum of "
                                     f"{d.max_block_size}: use block sizes of {d.max_block_size} or less")
@@ -541,8 +559,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             if method in ENGINE_METHODS:
                 # one Engine (one fresh page pool) per method, all over the one loaded verifier
                 engine = Engine(verifier, drafters[method], num_pages=num_pages, page_size=page_size)
-                g = GenerationConfig(**{**asdict(gen), "block_size": "auto" if block_size == "auto-notrim" else block_size,
-                                        "trim": block_size != "auto-notrim"})
+                g = GenerationConfig(**{**asdict(gen), **variant_settings(block_size, gen.lookup)})
                 engine.check(g)
 
                 def one(i, ids, n, seed, engine=engine, label=label, g=g):
@@ -574,7 +591,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
 
 # -- reporting -----------------------------------------------------------------------------
 COLUMNS = ("method", "tok/s", "speedup", "mean acc len", "TTFT s", "TPOT p50/p90/p99 ms", "draft %", "verify %",
-           "identical")
+           "lookup %", "identical")
 
 
 def _fmt(x, spec: str) -> str:
@@ -587,7 +604,8 @@ def _row(method: str, s: MethodStats) -> list[str]:
     return [method, _fmt(s.tokens_per_s, ".2f"), _fmt(s.speedup, ".2f") + ("x" if s.speedup is not None else ""),
             _fmt(s.mean_acceptance_length, ".2f"), _fmt(s.ttft_s, ".2f"), tpot,
             _fmt(None if s.draft_share is None else 100 * s.draft_share, ".0f"),
-            _fmt(None if s.verify_share is None else 100 * s.verify_share, ".0f"), ident]
+            _fmt(None if s.verify_share is None else 100 * s.verify_share, ".0f"),
+            _fmt(None if s.lookup_share is None else 100 * s.lookup_share, ".0f"), ident]
 
 
 def format_table(result: BenchResult, category: str) -> str:

@@ -169,7 +169,7 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from hybrid.bench import DEFAULT_PROMPTS, BenchResult, load_prompts, summarise
+    from hybrid.bench import DEFAULT_PROMPTS, BenchResult, load_prompts, summarise, variant_settings
     from hybrid.demo import resolve_model
     from hybrid.drafters import shipped_drafter
     from hybrid.engine import Engine, GenerationConfig
@@ -190,7 +190,9 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
         raise UserError("--backend vllm takes a model folder or Hugging Face id, not a .gguf file")
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     encoded = [encode_prompt(tokenizer, p.prompt, p.chat) for p in prompts]
-    sizes = [b for b in (cfg.block_sizes or (cfg.block_size,))]
+    if any(isinstance(b, str) and b != "auto" for b in cfg.block_sizes or ()):
+        echo("note: vLLM runs our drafter without trimming or prompt lookup; -notrim/-nolookup variants run as the plain size")
+    sizes = [variant_settings(b, 0)["block_size"] for b in (cfg.block_sizes or (cfg.block_size,))]
     if "auto" in sizes:
         echo(f"note: vLLM keeps the draft length fixed per engine; block size auto runs as K={AUTO_K} there")
     ks = list(dict.fromkeys(AUTO_K if b == "auto" else b for b in sizes))

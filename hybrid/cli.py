@@ -57,6 +57,8 @@ def cli():
               help="Denoising steps per draft, or auto (picked with --block-size auto; else 1).")
 @click.option("--trim/--no-trim", default=True, show_default=True,
               help="With --block-size auto: verify only as much of each draft as the drafter's confidence pays for.")
+@click.option("--lookup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Prompt lookup first: when the last N+ tokens occurred earlier, draft what followed them (0: off).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -69,12 +71,13 @@ def cli():
 @click.option("--num-pages", type=int, default=None, help="KV page budget (default: one full context window).")
 @click.option("--page-size", type=int, default=16, show_default=True)
 @_dtype_option
-def generate(prompt, verifier, drafter, block_size, steps, trim, max_new_tokens, temperature, top_p, top_k, seed, stop,
+def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, max_new_tokens, temperature, top_p, top_k, seed, stop,
              chat, as_json, device, num_pages, page_size, dtype):
     """Generate a continuation of PROMPT, streaming text as the verifier commits it."""
     from hybrid.engine import Engine, GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop), trim=trim)
+    cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop), trim=trim,
+                           lookup=lookup)
     cfg.sampling()  # validate what needs no model before loading models
     Engine.check_basic(cfg)
     if not prompt.strip():
@@ -121,6 +124,8 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, max_new_tokens,
 @click.option("--max-chunks", type=int, default=256, show_default=True, help="Corpus chunks of --seq-len tokens to use.")
 @click.option("--anchors", type=int, default=32, show_default=True, help="Blocks per chunk per step.")
 @click.option("--lr", type=float, default=6e-4, show_default=True)
+@click.option("--gamma", type=float, default=7.0, show_default=True,
+              help="Loss weight decay over block rows, exp(-(k-1)/gamma): lower puts the early rows first (DFlash: 7 for blocks of 16).")
 @click.option("--layers", type=int, default=1, show_default=True)
 @click.option("--intermediate-size", type=int, default=3584, show_default=True)
 @click.option("--heads", type=int, default=12, show_default=True)
@@ -131,7 +136,7 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, max_new_tokens,
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
     """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
     answers to prompts."""
@@ -140,7 +145,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
     _quiet_transformers()
     cfg = TrainConfig(
         verifier=verifier, corpus=list(corpus), out=out, block_size=block_size, seq_len=seq_len, max_chunks=max_chunks,
-        anchors=anchors, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every, num_hidden_layers=layers,
+        anchors=anchors, steps=steps, lr=lr, gamma=gamma, seed=seed, checkpoint_every=checkpoint_every, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, dtype="bfloat16" if dtype == "auto" else dtype,
         eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch, gen_backend=gen_backend,
@@ -170,7 +175,10 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
               help="Draft tokens per round, or auto (the coordinator); also hf-prompt-lookup's prompt_lookup_num_tokens.")
 @click.option("--block-sizes", default=None, metavar="LIST",
-              help="Run our drafters once per block size, e.g. 2,4,8,16,auto (shown as hybrid@8 ...); auto-notrim: auto verifying each chosen block whole.")
+              help="Run our drafters once per block size, e.g. 2,4,8,16,auto (shown as hybrid@8 ...); auto-notrim: auto verifying "
+                   "each chosen block whole; a -nolookup suffix (auto-nolookup, 4-nolookup): without prompt lookup.")
+@click.option("--lookup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Our engine's prompt lookup before the drafter: the last N+ tokens recurring -> copy what followed (0: off).")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True, help="Denoising steps per draft, or auto.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy (outputs are then checked against plain).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -180,7 +188,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
-def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, steps, temperature, top_p, seed,
+def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, temperature, top_p, seed,
           device, limit, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
@@ -188,7 +196,7 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
     cfg = b.BenchConfig(
         verifier=verifier, drafter=drafter, assistant=assistant, methods=b.parse_methods(methods, backend), prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
-        block_sizes=b.parse_block_sizes(block_sizes), steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
+        block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
     )
     if plot_file:
         b.check_plot_available()

@@ -38,6 +38,13 @@ which is what that argmax does, with `rate` the expected tokens per second of th
 drafted block is the size the position model would choose, or one more than the longest of the last
 `recent` verified lengths if larger (twice the last one when that used the whole draft), so drafting
 grows with what verification uses.
+
+Prompt lookup. When the context's last n tokens (n = 2..4) occurred earlier, the tokens that followed
+them are a free draft. Their acceptance alpha^lookup_i(n) is estimated like the drafter's (decayed counts
+per position, per match length n: longer matches copy more reliably), per sequence with the engine's
+counts as prior, and a round verifies the first L copied tokens, L maximising E[tau^lookup | L] / v(L),
+when that beats the best drafter option's expected rate (else it drafts as usual). With probability
+`explore` the choice is random (the whole copy, or the drafter), so a losing source keeps being measured.
 """
 from __future__ import annotations
 
@@ -185,6 +192,9 @@ class Coordinator:
     # chooses how much of it to verify; None: the block size chosen before drafting is verified whole
     calibration: Calibration | None = None
     recent: int = 8  # trimmed rounds whose verified lengths bound the next draft (with calibration)
+    # engine-wide acceptance of prompt-lookup drafts, keyed by match length (a prior for this sequence's)
+    shared_lookup: AcceptanceCounts | None = None
+    max_lookup: int = 8
     _acc: AcceptanceCounts = field(init=False)
     _rng: random.Random = field(init=False)
 
@@ -198,6 +208,7 @@ class Coordinator:
         self._verified: list[int] = []  # the last `recent` trimmed lengths
         self._hit_cap = False  # the last trimmed round verified all it drafted
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
+        self._lookup = AcceptanceCounts(self.max_lookup, self.decay, self.prior_strength)
 
     def alphas(self, steps: int = 1) -> list[float]:
         """Posterior mean acceptance per position (conditional on the previous ones). The prior is the
@@ -265,6 +276,42 @@ class Coordinator:
         self._verified = (self._verified + [best])[-self.recent:]
         self._hit_cap = best == len(conf)
         return best
+
+    def lookup_taus(self, match: int) -> list[float]:
+        """E[tau | L] for L = 0..max_lookup tokens copied by prompt lookup after a match of `match` tokens."""
+        priors = None if self.shared_lookup is None else self.shared_lookup.means(match)
+        taus, run = [1.0], 1.0
+        for alpha in self._lookup.means(match, priors):
+            run *= alpha
+            taus.append(taus[-1] + run)
+        return taus
+
+    def lookup(self, size: int, match: int) -> int:
+        """How many of `size` tokens copied by prompt lookup (after the context's last `match` tokens recurred)
+        to verify: the L with the best expected tokens per second, or 0 (draft as usual) when the best
+        drafter option is expected to beat it."""
+        size = min(size, self.max_lookup)
+        if size <= 0:
+            return 0
+        u = self._rng.random()
+        if u < self.explore:  # keep measuring both sources
+            return size if u < self.explore / 2 else 0
+        taus = self.lookup_taus(match)
+        best, best_rate = 0, self.best_option()[2]
+        for length in range(1, size + 1):
+            rate = taus[length] / self.costs.verify_seconds(length)
+            if rate > best_rate:
+                best, best_rate = length, rate
+        return best
+
+    def observe_lookup(self, size: int, match: int, accepted: int, verify_s: float) -> None:
+        """Feedback after a prompt-lookup round: copied tokens verified, match length, accepted, verify time."""
+        self.costs.observe(size, 0, 0.0, verify_s, drafted=0)
+        if size <= 0:
+            return
+        self._lookup.observe(size, match, accepted)
+        if self.shared_lookup is not None:
+            self.shared_lookup.observe(size, match, accepted)
 
     def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
                 drafted: int | None = None, conf: list[float] | None = None) -> None:

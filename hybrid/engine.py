@@ -10,6 +10,7 @@ import torch
 
 from hybrid.acceptance import SamplingParams
 from hybrid.coordinator import AcceptanceCounts, Calibration, Coordinator, CostModel
+from hybrid.drafters.ngram import NgramDrafter
 from hybrid.errors import UserError
 from hybrid.loop import FixedSchedule, LoopConfig, Round, speculative_decode
 from hybrid.pages import PagePool
@@ -28,6 +29,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
     trim: bool = True  # with block size auto: verify as much of each draft as the drafter's confidence pays for
+    lookup: int = 2  # prompt lookup before the drafter: the last >= 2 tokens recurring -> copy what followed (0: off)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
@@ -42,7 +44,7 @@ class GenerationResult:
     acceptance_lengths: list[int]  # committed tokens per round (accepted + 1)
     mean_acceptance_length: float
     accepted_per_position: list[float]  # share of rounds whose draft position i was accepted
-    block_sizes: dict[int, int]  # histogram: block size -> rounds
+    block_sizes: dict[int, int]  # histogram: the drafter's block size -> rounds (prompt-lookup rounds apart)
     steps: dict[int, int]  # histogram: denoising steps -> rounds
     tokens_per_s: float
     wall_s: float
@@ -51,6 +53,7 @@ class GenerationResult:
     verify_s: float
     finish_reason: str
     prompt_tokens: int
+    lookup_rounds: int = 0  # rounds drafted by prompt lookup instead of the drafter
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +103,7 @@ class Engine:
         self.costs = CostModel()  # draft/verify timings, shared by the coordinators of all requests
         self.acceptance = None  # engine-wide acceptance counts the coordinators start from (made on first use)
         self.calibration = Calibration()  # engine-wide acceptance per drafter confidence (trimmed rounds)
+        self.lookup_acceptance = None  # engine-wide acceptance of prompt-lookup drafts (made on first use)
         verifier.attach(self.pool)
         if drafter is not None:
             drafter.attach(self.pool, verifier)
@@ -130,6 +134,8 @@ class Engine:
         for name, value in (("block size", cfg.block_size), ("steps", cfg.steps)):
             if value != "auto" and (not isinstance(value, int) or value < 1):
                 raise UserError(f"{name} must be auto or an integer >= 1, got {value}")
+        if not isinstance(cfg.lookup, int) or cfg.lookup < 0:
+            raise UserError(f"lookup must be an integer >= 0 (0: off), got {cfg.lookup}")
         cfg.sampling()
 
     def check(self, cfg: GenerationConfig) -> None:
@@ -148,8 +154,11 @@ class Engine:
         max_steps = self.drafter.max_steps if cfg.steps == "auto" else steps
         if self.acceptance is None or self.acceptance.max_block_size != self.drafter.max_block_size:
             self.acceptance = AcceptanceCounts(self.drafter.max_block_size, decay=0.995)
+        if self.lookup_acceptance is None:
+            self.lookup_acceptance = AcceptanceCounts(LoopConfig.lookup_block, decay=0.995)
         return Coordinator(self.drafter.max_block_size, max_steps, costs=self.costs, seed=cfg.seed or 0,
-                           allow_plain=True, shared=self.acceptance, calibration=self.calibration if cfg.trim else None)
+                           allow_plain=True, shared=self.acceptance, calibration=self.calibration if cfg.trim else None,
+                           shared_lookup=self.lookup_acceptance, max_lookup=LoopConfig.lookup_block)
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
                schedule=None) -> Iterator[StreamEvent]:
@@ -160,7 +169,9 @@ class Engine:
         schedule = schedule or self.schedule(cfg)
         max_block = self.drafter.max_block_size if self.drafter is not None else 0
         block = max_block if cfg.block_size == "auto" else cfg.block_size
-        loop_cfg = LoopConfig(cfg.max_new_tokens, block, 1 if cfg.steps == "auto" else cfg.steps, cfg.stop_on_eos)
+        lookup = 0 if isinstance(self.drafter, NgramDrafter) else cfg.lookup  # the n-gram drafter is a lookup already
+        loop_cfg = LoopConfig(cfg.max_new_tokens, block, 1 if cfg.steps == "auto" else cfg.steps, cfg.stop_on_eos,
+                              lookup, min(block, LoopConfig.lookup_block))  # lookup drafts: no longer than asked
         rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(), schedule)
         try:
             for r in rounds:
@@ -211,8 +222,8 @@ def summarize(text, ids, rounds: list[Round], wall, ttft, finish, prompt_tokens)
         acceptance_lengths=tau,
         mean_acceptance_length=sum(tau) / len(tau) if tau else 0.0,
         accepted_per_position=per_pos,
-        block_sizes=dict(sorted(Counter(r.block_size for r in rounds).items())),
-        steps=dict(sorted(Counter(r.steps for r in rounds).items())),
+        block_sizes=dict(sorted(Counter(r.block_size for r in rounds if not r.lookup).items())),
+        steps=dict(sorted(Counter(r.steps for r in rounds if not r.lookup).items())),
         tokens_per_s=len(ids) / wall if wall > 0 else 0.0,
         wall_s=wall,
         ttft_s=ttft,
@@ -220,4 +231,5 @@ def summarize(text, ids, rounds: list[Round], wall, ttft, finish, prompt_tokens)
         verify_s=sum(r.verify_s for r in rounds),
         finish_reason=finish,
         prompt_tokens=prompt_tokens,
+        lookup_rounds=sum(r.lookup for r in rounds),
     )

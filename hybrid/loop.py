@@ -14,6 +14,7 @@ import torch
 
 from hybrid.acceptance import SamplingParams, accept
 from hybrid.drafters.base import Context, Draft, Drafter
+from hybrid.drafters.ngram import find_suffix, follow
 from hybrid.errors import UserError
 from hybrid.pages import PagePool
 
@@ -24,6 +25,8 @@ class LoopConfig:
     block_size: int = 4
     steps: int = 1
     stop_on_eos: bool = True
+    lookup: int = 0  # prompt lookup first: >= this many context tokens recurring -> draft what followed them (0: off)
+    lookup_block: int = 8  # longest lookup draft
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Round:
     draft_s: float = 0.0
     verify_s: float = 0.0
     finish_reason: str | None = None  # "eos", "length" or None (the caller decides "stop")
+    lookup: bool = False  # the draft came from prompt lookup, not the drafter
 
 
 class Schedule(Protocol):
@@ -46,8 +50,12 @@ class Schedule(Protocol):
 
     def trim(self, conf: list[float]) -> int: ...
 
+    def lookup(self, size: int, match: int) -> int: ...
+
     def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
                 drafted: int | None = None, conf: list[float] | None = None) -> None: ...
+
+    def observe_lookup(self, size: int, match: int, accepted: int, verify_s: float) -> None: ...
 
 
 @dataclass
@@ -61,7 +69,13 @@ class FixedSchedule:
     def trim(self, conf: list[float]) -> int:
         return len(conf)
 
+    def lookup(self, size: int, match: int) -> int:
+        return size
+
     def observe(self, *args, **kw) -> None:
+        pass
+
+    def observe_lookup(self, *args, **kw) -> None:
         pass
 
 
@@ -83,6 +97,9 @@ def speculative_decode(
 
     `drafter=None` is plain decoding (an empty draft every round). `schedule` (the coordinator)
     picks each round's block size and steps and observes each round; default: cfg's fixed values.
+    With `cfg.lookup` = n, a round whose last n to 4 tokens occurred earlier in the context may draft
+    what followed them instead (prompt lookup: free to draft, and long where the text repeats itself:
+    code edits, summaries, lists); the schedule decides how much of that copy to verify (0: draft as usual).
     The caller may stop iterating at any point; the sequence's pages are freed either way.
     """
     if not prompt:
@@ -124,7 +141,14 @@ def speculative_decode(
             # 2. draft: propose a block after the last committed token
             t0 = time.perf_counter()
             draft = Draft(torch.empty(0, dtype=torch.long))
-            if drafter is not None and block_size > 0:
+            copied, match = [], 0
+            if drafter is not None and cfg.lookup:
+                end, match = find_suffix(ctx.tokens, cfg.lookup)
+                copied = follow(ctx.tokens, end, min(cfg.lookup_block, room - 1)) if match else []
+                copied = copied[: schedule.lookup(len(copied), match)] if copied else []
+            if copied:
+                draft = Draft(torch.tensor(copied, dtype=torch.long))  # deterministic: q one-hot, no confidence
+            elif drafter is not None and block_size > 0:
                 draft = drafter.propose(ctx, block_size, steps, (params, generator))
             _sync(verifier.device)
             t1 = time.perf_counter()
@@ -164,9 +188,13 @@ def speculative_decode(
                 drafter.observe(ctx, out.hidden[: acc.accepted + 1], n - 1)
 
             # 7. coordinate: the schedule hears what this round cost and how much it kept
-            schedule.observe(draft.size, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf)
+            if copied:
+                schedule.observe_lookup(draft.size, match, acc.accepted, t2 - t1)
+            else:
+                schedule.observe(draft.size, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf)
 
-            yield Round(new, draft.size, steps if draft.size else 0, acc.accepted, t1 - t0, t2 - t1, finish)
+            yield Round(new, draft.size, steps if draft.size and not copied else 0, acc.accepted, t1 - t0, t2 - t1,
+                        finish, lookup=bool(copied))
             if finish is not None:
                 return
     finally:

@@ -171,18 +171,25 @@ def test_plot_without_matplotlib_is_one_line_error(models, tmp_path, capsys):
 
 
 def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
-    from hybrid.bench import parse_block_sizes
+    from hybrid.bench import parse_block_sizes, variant_settings
 
     assert parse_block_sizes("2, 4,auto,4,auto-notrim") == (2, 4, "auto", "auto-notrim")
-    with pytest.raises(UserError):
-        parse_block_sizes("2,zero")
+    assert parse_block_sizes("auto-nolookup,4-nolookup,auto-notrim-nolookup") == (
+        "auto-nolookup", "4-nolookup", "auto-notrim-nolookup")
+    for bad in ("2,zero", "4-notrim", "auto-lookup", "0"):
+        with pytest.raises(UserError):
+            parse_block_sizes(bad)
+    assert variant_settings("4-nolookup", 2) == {"block_size": 4, "trim": True, "lookup": 0}
+    assert variant_settings("auto-notrim", 2) == {"block_size": "auto", "trim": False, "lookup": 2}
     verifier, assistant, drafter, prompts = models
     code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--drafter", str(drafter), "--prompts",
                              str(prompts), "--max-new-tokens", "10", "--methods", "plain,hybrid",
-                             "--block-sizes", "1,4,auto,auto-notrim", "--json")
+                             "--block-sizes", "1,4,auto,auto-notrim,auto-nolookup", "--json")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert list(result["methods"]) == ["plain", "hybrid@1", "hybrid@4", "hybrid@auto", "hybrid@auto-notrim"]
+    assert list(result["methods"]) == ["plain", "hybrid@1", "hybrid@4", "hybrid@auto", "hybrid@auto-notrim",
+                                       "hybrid@auto-nolookup"]
+    assert result["methods"]["hybrid@auto-nolookup"][ALL]["lookup_share"] == 0
     assert all(result["identical_to_plain"].values())
     assert set(result["methods"]["hybrid@4"][ALL]["block_sizes"]) <= {"4", "3", "2", "1", "0"}
     assert set(result["methods"]["hybrid@1"][ALL]["block_sizes"]) <= {"1", "0"}  # 0: the last token of a prompt

@@ -27,7 +27,7 @@ def test_generate_json_last_line(model_dir, capsys):
                       "--max-new-tokens", "12", "--json", "--no-chat")
     result = json.loads(out.strip().splitlines()[-1])
     for key in ("text", "token_ids", "new_tokens", "rounds", "mean_acceptance_length", "acceptance_lengths",
-                "tokens_per_s", "wall_s"):
+                "tokens_per_s", "wall_s", "block_sizes", "lookup_rounds"):
         assert key in result
     assert result["new_tokens"] == len(result["token_ids"]) <= 12
     assert out.startswith(result["text"])  # the text was streamed before the JSON line

@@ -228,3 +228,46 @@ def test_trimming_beats_every_fixed_block_size_when_confidence_tells(p_easy):
     best_fixed = max(_fixed_rate(b, 2000, p_easy) for b in range(1, MAX_B + 1))
     assert _trimmed_rate(True, 2000, p_easy) >= 1.1 * best_fixed
     assert _trimmed_rate(True, 2000, p_easy) > _trimmed_rate(False, 2000, p_easy)
+
+
+def simulate_with_lookup(coord, alpha_draft, alpha_lookup, rounds, rng):
+    """Every round a prompt-lookup copy of 8 tokens is on offer after a match of 2 or 4 tokens (alternating),
+    accepted per position with alpha_lookup[match]; the drafter's tokens with alpha_draft.
+    Returns (match, tokens verified from the copy (0: drafted instead)) per round."""
+    used = []
+    for r in range(rounds):
+        b, t = coord.next()
+        match = 2 if r % 2 else 4
+        size = coord.lookup(8, match)
+        assert 0 <= size <= 8
+        n, alpha = (size, alpha_lookup[match]) if size else (b, alpha_draft)
+        accepted = 0
+        while accepted < n and rng.random() < alpha:
+            accepted += 1
+        if size:
+            coord.observe_lookup(size, match, accepted, verify_cost(size))
+        else:
+            coord.observe(b, t, accepted, draft_cost(b, t), verify_cost(b))
+        used.append((match, size))
+    return used
+
+
+def test_prompt_lookup_is_verified_where_it_beats_the_drafter():
+    """Copies after 4-token matches are right 90% of the time, after 2-token matches 5%; the drafter 70%.
+    The coordinator learns per match length: it verifies long copies after 4-token matches and drafts
+    after 2-token ones (but for exploration), and it keeps measuring both."""
+    coord = Coordinator(MAX_B, seed=4)
+    used = simulate_with_lookup(coord, 0.7, {2: 0.05, 4: 0.9}, 600, random.Random(5))
+    late = used[200:]
+    long_copies = [s for m, s in late if m == 4]
+    assert sum(s >= 4 for s in long_copies) / len(long_copies) > 0.9
+    short = [s for m, s in late if m == 2]
+    assert 0.0 < sum(s > 0 for s in short) / len(short) < 0.15  # exploration only
+    assert coord.lookup_taus(4)[8] > 4 and coord.lookup_taus(2)[1] < coord.lookup_taus(4)[1]
+
+
+def test_prompt_lookup_gives_way_to_a_better_drafter():
+    """A drafter right 95% of the time beats copies that are right 60% of the time: drafted rounds win."""
+    coord = Coordinator(MAX_B, seed=6)
+    used = simulate_with_lookup(coord, 0.95, {2: 0.6, 4: 0.6}, 600, random.Random(7))
+    assert sum(s > 0 for _, s in used[200:]) / 400 < 0.15

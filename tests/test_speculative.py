@@ -9,7 +9,7 @@ from conftest import greedy_reference, make_verifier
 from hybrid.acceptance import Acceptance, accept_sampling, warp, SamplingParams
 from hybrid.drafters.causal import CausalDrafter
 from hybrid.drafters.diffusion import DiffusionDrafter
-from hybrid.drafters.ngram import NgramDrafter
+from hybrid.drafters.ngram import NgramDrafter, find_suffix, lookup
 from hybrid.engine import Engine, GenerationConfig
 
 PROMPT = [5, 40, 41, 42, 9, 40, 41, 42, 9, 40]  # repeats, so the n-gram drafter finds matches
@@ -55,7 +55,7 @@ def test_greedy_output_equals_plain_greedy(family, drafter):
 def test_drafter_equal_to_verifier_accepts_every_token():
     v = make_verifier("qwen3")
     engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
-    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=40, block_size=4, stop_on_eos=False))
+    r = engine.generate(PROMPT, GenerationConfig(max_new_tokens=40, block_size=4, stop_on_eos=False, lookup=0))
     assert r.acceptance_lengths == [5] * 8
     assert r.accepted_per_position == [1.0] * 4
 
@@ -64,6 +64,48 @@ def test_ngram_drafter_accepts_on_repetitive_text():
     v = make_verifier("qwen3")
     assert NgramDrafter().lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
     assert NgramDrafter().lookup([1, 2, 3], 3) == []
+    assert NgramDrafter().lookup([5, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # a loop is continued past the context's end
+
+
+def brute_force_lookup(tokens, block_size, min_ngram, max_ngram):
+    """Longest suffix first, then its latest earlier occurrence: what followed it, continued by copying
+    the copy where it runs into the end of the context."""
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[len(tokens) - n :]:
+                text = list(tokens)
+                for i in range(block_size):
+                    text.append(text[start + n + i])
+                return text[len(tokens):]
+    return []
+
+
+def test_lookup_equals_brute_force_search():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        tokens = rng.integers(0, rng.choice([2, 3, 5]) + 1, size=rng.integers(0, 30)).tolist()
+        lo = int(rng.integers(1, 5))
+        hi, b = int(rng.integers(lo, 6)), int(rng.integers(1, 7))
+        assert lookup(tokens, b, lo, hi) == brute_force_lookup(tokens, b, lo, hi), (tokens, b, lo, hi)
+    assert find_suffix([7, 1, 2, 3, 1, 2, 3], 2) == (3, 3)  # the longest suffix (1 2 3), its latest occurrence
+    assert find_suffix([1, 2, 9, 2], 2) == (-1, 0)  # only a 1-token match: below min_ngram
+
+
+@pytest.mark.parametrize("block_size", [4, "auto"])
+def test_prompt_lookup_is_lossless_and_drafts_repeated_text(block_size):
+    v = make_verifier("qwen3", seed=3)  # its greedy text ends repeating one token for 20+ positions
+    n = 100
+    ref = greedy_reference(v, PROMPT, n)
+    engine = Engine(v, small_diffusion(v), num_pages=32, page_size=8)
+    observe = engine.costs.observe  # synthetic costs (a verifier pass costs little more per token): deterministic
+    engine.costs.observe = lambda b, t, d, vs, drafted=None: observe(b, t, 0.001 * t * (b + 1), 0.05 + 0.001 * b, drafted)
+    on = engine.generate(PROMPT, GenerationConfig(max_new_tokens=n, block_size=block_size, stop_on_eos=False))
+    off = engine.generate(PROMPT, GenerationConfig(max_new_tokens=n, block_size=block_size, stop_on_eos=False, lookup=0))
+    assert on.token_ids == ref and off.token_ids == ref
+    assert on.lookup_rounds > 0 and off.lookup_rounds == 0
+    # copying the repetition is accepted where an untrained drafter is not
+    assert on.rounds < off.rounds - 5
+    assert engine.pool.free_pages == engine.pool.num_pages
 
 
 def test_eos_stops_generation_and_is_included():
@@ -126,13 +168,15 @@ def exact_two_token_distribution(v, prompt, temperature):
     return (p1[:, None] * p2).double().numpy()
 
 
-def two_token_counts(engine, drafter_block, temperature, samples=SAMPLES):
+def two_token_counts(engine, drafter_block, temperature, samples=SAMPLES, prompt=(1, 3, 4), lookup_rounds=None):
     counts = np.zeros((V_SMALL, V_SMALL))
     for seed in range(samples):
         cfg = GenerationConfig(max_new_tokens=2, block_size=drafter_block, temperature=temperature, seed=seed,
                                stop_on_eos=False)
-        t = engine.generate([1, 3, 4], cfg).token_ids
-        counts[t[0], t[1]] += 1
+        r = engine.generate(list(prompt), cfg)
+        counts[r.token_ids[0], r.token_ids[1]] += 1
+        if lookup_rounds is not None:
+            lookup_rounds.append(r.lookup_rounds)
     return counts
 
 
@@ -159,6 +203,16 @@ def sampling_setup():
 def test_sampling_matches_verifier_distribution(sampling_setup):
     v, engine, probs = sampling_setup
     assert pvalue(two_token_counts(engine, 2, 1.0), probs) > 1e-3
+
+
+def test_sampling_with_prompt_lookup_matches_verifier_distribution(sampling_setup):
+    """A prompt that repeats itself: the first round's draft is copied by prompt lookup (one-hot q)."""
+    v, engine, _ = sampling_setup
+    prompt = [1, 3, 4, 1, 3, 4, 1, 3]
+    used = []
+    counts = two_token_counts(engine, 2, 1.0, prompt=prompt, lookup_rounds=used)
+    assert min(used) >= 1  # every sample's first round was a lookup
+    assert pvalue(counts, exact_two_token_distribution(v, prompt, 1.0)) > 1e-3
 
 
 def test_sampling_check_detects_biased_acceptance(sampling_setup, monkeypatch):
@@ -190,7 +244,7 @@ def test_auto_block_size_is_lossless_and_reports_the_sizes_it_used():
     # token, so the coordinator's choice depends on acceptance alone
     r, ref = generate_auto(0, lambda b, t: 0.001 * t * (b + 1), lambda b: 0.05 + 0.001 * b)
     assert r.token_ids == ref
-    assert sum(r.block_sizes.values()) == r.rounds and max(r.block_sizes) > 4  # perfect drafter: grows the block
+    assert sum(r.block_sizes.values()) + r.lookup_rounds == r.rounds and max(r.block_sizes) > 4  # perfect drafter: grows the block
 
 
 def test_auto_decodes_plainly_when_no_block_pays():
