@@ -267,8 +267,9 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
     ms = lambda q: None if not tpot else _percentile(tpot, q) * 1e3  # noqa: E731
     tau = [t for r in runs for t in (r.committed_per_round or [])]
     known_tau = all(r.committed_per_round is not None for r in runs)
+    known_rounds = all(r.rounds is not None for r in runs)
     per_pos, rounds = None, []
-    if all(r.rounds is not None for r in runs):
+    if known_rounds:
         rounds = [x for r in runs for x in r.rounds]
         depth = max((d for d, _ in rounds), default=0)
         per_pos = []
@@ -291,12 +292,12 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
         tpot_ms_p90=ms(90),
         tpot_ms_p99=ms(99),
         block_sizes=(dict(sorted(Counter(d for r in runs for d, _ in r.rounds).items()))
-                     if all(r.rounds is not None for r in runs) else None),
+                     if known_rounds else None),
         draft_share=share("draft_s"),
         verify_share=share("verify_s"),
         identical_to_plain=None,
         lookup_share=(sum(r.lookup_rounds for r in runs) / len(rounds)
-                      if all(r.rounds is not None for r in runs) and rounds else None),
+                      if known_rounds and rounds else None),
     )
 
 
