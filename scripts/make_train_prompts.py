@@ -179,9 +179,10 @@ ASKS_2 = [
 ]
 
 
-def all_functions(root: Path, rng: random.Random, skip: set[str], limit: int, per_file: int = 3):
+def all_functions(root: Path, rng: random.Random, skip: set[str], limit: int, per_file: int = 3,
+                  leave_out: frozenset = frozenset({"test", "tests", "idlelib", "site-packages"})):
     """Like functions(), from every module and subpackage, methods included, several per file."""
-    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "idlelib", "site-packages"} & set(p.parts))
+    files = sorted(p for p in root.rglob("*.py") if not leave_out & set(p.relative_to(root).parts))
     out = []
     for lines, nodes in documented_functions(files, rng):
         found = 0
@@ -269,15 +270,82 @@ def round_two(rng: random.Random, root: Path, skip: set[str]) -> list[dict]:
     return rows
 
 
+TASKS_3 = [
+    "How do I {task} in {lang}? Show a short example.", "Write a {lang} script that {task}.",
+    "Show me idiomatic {lang} code that {task}, with comments.", "Write a function in {lang} that {task}, and explain it.",
+]
+ASKS_3 = [
+    "What are the main differences between {t} and something similar? Answer in a few sentences.",
+    "I keep hearing about {t}. What is it, and when should I care?", "Explain {t} simply, as you would to a ten-year-old.",
+    "Give me three facts about {t}.", "What is a good way to get started with {t}?",
+]
+TIPS_3 = [
+    "Give me three tips for {t}.", "I want to get better at {t}. Where should I start?",
+    "What are the most common mistakes in {t}?", "I have to do {t} tomorrow. How should I prepare?",
+]
+
+
+def round_three(rng: random.Random, root: Path, skip: set[str]) -> list[dict]:
+    """Code from the installed packages (hybrid's dependencies), and new pairings of rounds 1-2's topics."""
+    rows = []
+    fns = all_functions(root, rng, skip, 330, per_file=2,
+                        leave_out=frozenset({"test", "tests", "testing", "_vendor", "vendored", "hybrid"}))
+    for head, whole, name, fargs, desc in fns[:110]:
+        rows.append({"prompt": head, "category": "code", "chat": False})
+    for head, whole, name, fargs, desc in fns[110:230]:
+        lang = "Python" if rng.random() < 0.6 else rng.choice(LANGS)
+        rows.append({"prompt": f"Write a {lang} function `{name}({fargs})` that does this: {desc}", "category": "code"})
+    asks = ["Explain what this function does.", "Write unit tests for this function with pytest.",
+            "Is there a bug in this code? Explain.", "Simplify this function.", "Document this function with a docstring."]
+    for head, whole, name, fargs, desc in fns[230:330]:
+        rows.append({"prompt": f"{rng.choice(asks)}\n\n```python\n{whole}```", "category": "code"})
+    for task in TASKS:
+        for ask in rng.sample(TASKS_3, 2):
+            verb, rest = task.split(" ", 1)  # "How do I implement ...", not "implements"
+            rows.append({"prompt": ask.format(task=f"{verb.removesuffix('s')} {rest}" if ask.startswith("How do I") else task,
+                                              lang=rng.choice(["Python", "Python"] + LANGS)), "category": "code"})
+    for t in rng.sample(TOPICS + TOPICS_2, 120):
+        rows.append({"prompt": rng.choice(ASKS_3 + ASKS + ASKS_2).format(t=t), "category": "chat"})
+    for t in TIPS:
+        for ask in rng.sample(TIPS_3, 3):
+            rows.append({"prompt": ask.format(t=t), "category": "chat"})
+    for _ in range(60):
+        rows.append({"prompt": (math_prompt if rng.random() < 0.5 else math_prompt_2)(rng), "category": "math"})
+    docs = [(f.stem, d) for f in sorted(root.glob("*/__init__.py"))[:400]
+            for d in [_docstring(f)] if d]
+    paras = [" ".join(p.split()) for _, d in docs for p in d.split("\n\n") if 250 <= len(p) <= 1200 and ">>>" not in p]
+    sum_asks = ["Summarise the following paragraph in one sentence.", "Give a short summary of the following paragraph.",
+                "Summarise the key points of this paragraph as a bulleted list.", "Summarise this text in two sentences."]
+    for p in rng.sample(paras, min(50, len(paras))):
+        rows.append({"prompt": f"{rng.choice(sum_asks)}\n\n{p}", "category": "summarisation"})
+    sents = sorted({s for _, d in docs for s in sentences(d)})
+    for s in rng.sample(sents, min(50, len(sents))):
+        rows.append({"prompt": f'Translate into {rng.choice(TARGET_LANGS)}: "{s}"', "category": "translation"})
+    return rows
+
+
+def _docstring(f: Path) -> str | None:
+    try:
+        return ast.get_docstring(ast.parse(f.read_text(encoding="utf-8")))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--human-eval", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "train-prompts.jsonl")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--round", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--round", type=int, default=1, choices=[1, 2, 3])
     args = ap.parse_args()
     data = Path(__file__).resolve().parents[1] / "data"
     root = Path(sysconfig.get_paths()["stdlib"])
+    if args.round == 3:
+        out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-3.jsonl"
+        seen = {json.loads(l)["prompt"] for n in ("", "-2") for l in (data / f"train-prompts{n}.jsonl").read_text().splitlines()}
+        purelib = Path(sysconfig.get_paths()["purelib"])
+        rows = [r for r in round_three(random.Random(args.seed + 3), purelib, seen) if r["prompt"] not in seen]
+        return write(rows, out, data.parent / "bench" / "prompts.jsonl")
     if args.round == 2:
         out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-2.jsonl"
         seen = {json.loads(l)["prompt"] for l in (data / "train-prompts.jsonl").read_text().splitlines()}
