@@ -631,8 +631,29 @@ def format_report(result: BenchResult) -> str:
     out += [f"\noverall ({total} prompt{'s' * (total != 1)}, {result.config['max_new_tokens']} new tokens max)",
             format_table(result, ALL)]
     out.append("")
+    out += auto_lines(result)
     out.append(identity_line(result))
     return "\n".join(out)
+
+
+def auto_lines(result: BenchResult) -> list[str]:
+    """With --block-sizes holding auto variants and fixed sizes: each auto variant's tokens/s over the best
+    fixed size's, per category and overall, and over every fixed size overall (issue 4's two bars)."""
+    fixed = [m for m in result.stats if m.partition("@")[2].isdigit()]
+    autos = [m for m in result.stats if m.partition("@")[2].startswith("auto")]
+    if not fixed or not autos:
+        return []
+    out = []
+    for a in autos:
+        parts = []
+        for c in result.categories + [ALL]:
+            best = max(fixed, key=lambda m: result.stats[m][c].tokens_per_s)
+            ratio = result.stats[a][c].tokens_per_s / max(result.stats[best][c].tokens_per_s, 1e-9)
+            parts.append(f"{c} {ratio:.2f} (@{best.partition('@')[2]})")
+        each = ", ".join(f"@{m.partition('@')[2]} {result.stats[a][ALL].tokens_per_s / max(result.stats[m][ALL].tokens_per_s, 1e-9):.2f}"
+                         for m in fixed)
+        out += [f"{a} / best fixed size: {', '.join(parts)}", f"{a} / each fixed size overall: {each}"]
+    return out + [""]
 
 
 def identity_line(result: BenchResult) -> str:

@@ -193,3 +193,19 @@ def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
     assert all(result["identical_to_plain"].values())
     assert set(result["methods"]["hybrid@4"][ALL]["block_sizes"]) <= {"4", "3", "2", "1", "0"}
     assert set(result["methods"]["hybrid@1"][ALL]["block_sizes"]) <= {"1", "0"}  # 0: the last token of a prompt
+    assert "hybrid@auto / best fixed size: code " in out and "hybrid@auto-nolookup / each fixed size overall: @1 " in out
+
+
+def test_auto_lines_compare_with_best_and_each_fixed_size():
+    from hybrid.bench import BenchResult, MethodStats, auto_lines
+
+    def stats(tps):
+        return MethodStats(1, 10, 1.0, tps, None, None, None, 0.1, None, None, None, None, None, None, None)
+
+    tps = {"plain": (1, 1, 1), "hybrid@2": (4, 2, 3), "hybrid@4": (2, 4, 3.3), "hybrid@auto": (4, 3, 3.63)}
+    result = BenchResult({}, ["code", "chat"], {m: dict(zip(["code", "chat", ALL], map(stats, v))) for m, v in tps.items()},
+                         {}, [], [])
+    assert auto_lines(result) == ["hybrid@auto / best fixed size: code 1.00 (@2), chat 0.75 (@4), all 1.10 (@4)",
+                                  "hybrid@auto / each fixed size overall: @2 1.21, @4 1.10", ""]
+    del result.stats["hybrid@2"], result.stats["hybrid@4"]
+    assert auto_lines(result) == []
