@@ -190,6 +190,7 @@ class PromptRun:
     draft_s: float | None
     verify_s: float | None
     lookup_rounds: int = 0  # rounds drafted by prompt lookup (our engine)
+    steps: list[int] | None = None  # denoising steps of each drafter round (our engine; 0: no draft)
 
 
 @dataclass
@@ -212,6 +213,7 @@ class MethodStats:
     verify_share: float | None  # share of wall time in verifier forward passes (prefill included)
     identical_to_plain: bool | None  # temperature 0 only
     lookup_share: float | None = None  # share of rounds drafted by prompt lookup (our engine)
+    steps: dict[int, int] | None = None  # histogram: denoising steps -> drafter rounds (our engine)
 
 
 @dataclass
@@ -298,6 +300,8 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
         identical_to_plain=None,
         lookup_share=(sum(r.lookup_rounds for r in runs) / len(rounds)
                       if known_rounds and rounds else None),
+        steps=(dict(sorted(Counter(t for r in runs for t in r.steps).items()))
+               if all(r.steps is not None for r in runs) else None),
     )
 
 
@@ -347,6 +351,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
     committed: list[int] = []
     draft_s = verify_s = 0.0
     lookups = 0
+    steps: list[int] = []
     ttft = None
     _sync(device)
     t0 = t_prev = time.perf_counter()
@@ -360,6 +365,8 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
             rounds.append((r.block_size, r.accepted))
             committed.append(len(r.tokens))
             lookups += r.lookup
+            if not r.lookup:
+                steps.append(r.steps)
         if ev.tokens:
             if ttft is None:
                 ttft = t - t0
@@ -370,7 +377,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
     _sync(device)
     wall = time.perf_counter() - t0
     return PromptRun(method, category, index, ids, wall, ttft if ttft is not None else wall, tpot, rounds,
-                     committed, draft_s, verify_s, lookups)
+                     committed, draft_s, verify_s, lookups, steps)
 
 
 # -- timing transformers' generate -----------------------------------------------------------
@@ -631,9 +638,21 @@ def format_report(result: BenchResult) -> str:
     out += [f"\noverall ({total} prompt{'s' * (total != 1)}, {result.config['max_new_tokens']} new tokens max)",
             format_table(result, ALL)]
     out.append("")
+    out += histogram_lines(result)
     out += auto_lines(result)
     out.append(identity_line(result))
     return "\n".join(out)
+
+
+def histogram_lines(result: BenchResult) -> list[str]:
+    """Per engine method: rounds by draft tokens proposed (0: a plain round) and by denoising steps."""
+    out = []
+    for m, cats in result.stats.items():
+        s = cats[ALL]
+        if s.block_sizes and s.steps and m != "plain":
+            hist = lambda h: " ".join(f"{k}:{v}" for k, v in h.items())  # noqa: E731
+            out.append(f"{m} rounds by block size {hist(s.block_sizes)}; by denoising steps {hist(s.steps)}")
+    return out + [""] if out else []
 
 
 def auto_lines(result: BenchResult) -> list[str]:

@@ -193,6 +193,9 @@ def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
     assert all(result["identical_to_plain"].values())
     assert set(result["methods"]["hybrid@4"][ALL]["block_sizes"]) <= {"4", "3", "2", "1", "0"}
     assert set(result["methods"]["hybrid@1"][ALL]["block_sizes"]) <= {"1", "0"}  # 0: the last token of a prompt
+    assert set(result["methods"]["hybrid@4"][ALL]["steps"]) <= {"1", "0"}
+    assert sum(result["methods"]["hybrid@auto"][ALL]["steps"].values()) > 0
+    assert "hybrid@auto rounds by block size " in out and "; by denoising steps " in out
     assert "hybrid@auto / best fixed size: code " in out and "hybrid@auto-nolookup / each fixed size overall: @1 " in out
 
 
