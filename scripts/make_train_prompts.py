@@ -313,13 +313,20 @@ def round_three(rng: random.Random, root: Path, skip: set[str]) -> list[dict]:
         rows.append({"prompt": (math_prompt if rng.random() < 0.5 else math_prompt_2)(rng), "category": "math"})
     docs = [(f.stem, d) for f in sorted(root.glob("*/__init__.py"))[:400]
             for d in [_docstring(f)] if d]
-    paras = [" ".join(p.split()) for _, d in docs for p in d.split("\n\n") if 250 <= len(p) <= 1200 and ">>>" not in p]
     sum_asks = ["Summarise the following paragraph in one sentence.", "Give a short summary of the following paragraph.",
                 "Summarise the key points of this paragraph as a bulleted list.", "Summarise this text in two sentences."]
-    for p in rng.sample(paras, min(50, len(paras))):
-        rows.append({"prompt": f"{rng.choice(sum_asks)}\n\n{p}", "category": "summarisation"})
+    return rows + doc_prompts(docs, rng, sum_asks, 50, 50)
+
+
+def doc_prompts(docs: list[tuple[str, str]], rng: random.Random, asks: list[str], summaries: int,
+                translations: int) -> list[dict]:
+    """Summarisation prompts from the docstrings' paragraphs and translation prompts from their sentences."""
+    rows = []
+    paras = [p for _, d in docs for p in d.split("\n\n") if 250 <= len(p) <= 1200 and ">>>" not in p]
+    for p in rng.sample(paras, min(summaries, len(paras))):
+        rows.append({"prompt": f"{rng.choice(asks)}\n\n{' '.join(p.split())}", "category": "summarisation"})
     sents = sorted({s for _, d in docs for s in sentences(d)})
-    for s in rng.sample(sents, min(50, len(sents))):
+    for s in rng.sample(sents, min(translations, len(sents))):
         rows.append({"prompt": f'Translate into {rng.choice(TARGET_LANGS)}: "{s}"', "category": "translation"})
     return rows
 
@@ -372,14 +379,9 @@ def main():
         rows.append({"prompt": f"What is the Python module `{name}` used for? Answer briefly.", "category": "chat"})
     for _ in range(200):
         rows.append({"prompt": math_prompt(rng), "category": "math"})
-    paras = [p for _, d in docs for p in d.split("\n\n") if 250 <= len(p) <= 1200 and ">>>" not in p]
     asks = ["Summarise the following paragraph in one sentence.", "Summarise this text in two sentences.",
             "Give a short summary of the following text.", "Summarise the key points as a bulleted list."]
-    for p in rng.sample(paras, min(150, len(paras))):
-        rows.append({"prompt": f"{rng.choice(asks)}\n\n{' '.join(p.split())}", "category": "summarisation"})
-    sents = sorted({s for _, d in docs for s in sentences(d)})
-    for s in rng.sample(sents, min(200, len(sents))):
-        rows.append({"prompt": f'Translate into {rng.choice(TARGET_LANGS)}: "{s}"', "category": "translation"})
+    rows += doc_prompts(docs, rng, asks, 150, 200)
     write(rows, args.out, data.parent / "bench" / "prompts.jsonl")
 
 
