@@ -1,11 +1,13 @@
 """`hybrid bench`: plain verifier decoding, our drafters and transformers' peers on the same prompts.
 
 Every method decodes the same prompt token ids with the same verifier weights and the same
-token budget, one method at a time (method-major), after one untimed warm-up generation per
-method. Figures per method and prompt category: tokens/s, speedup over plain decoding, mean
-acceptance length, acceptance per draft position, time to first token (TTFT), time per output
-token (TPOT p50/p90/p99), draft and verify time shares, and, at temperature 0, whether the
-output is token for token the output of plain decoding.
+token budget, after one untimed warm-up generation per method. By default the runs are interleaved
+(each prompt through every method in turn), so a drift in the machine's speed during the run (another
+job, clocks, memory) falls on every method alike; `--order method` runs one method at a time.
+Figures per method and prompt category: tokens/s, speedup over plain decoding, mean acceptance length,
+acceptance per draft position, time to first token (TTFT), time per output token (TPOT p50/p90/p99),
+draft and verify time shares, and, at temperature 0, whether the output is token for token the output
+of plain decoding.
 
 Methods:
 - ``plain``: our engine, no drafter (one verifier pass per token).
@@ -90,6 +92,7 @@ class BenchConfig:
     dtype: object = "auto"
     device: str = "cpu"
     limit: int | None = None  # first N prompts per category
+    order: str = "interleaved"  # "interleaved": each prompt through every method in turn; "method": one method at a time
     warmup_tokens: int = WARMUP_TOKENS
 
 
@@ -501,6 +504,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
 
     from hybrid.drafters import load_drafter, shipped_drafter
     from hybrid.engine import Engine, GenerationConfig
+    from hybrid.pages import PagePool
     from hybrid.verifiers.hf import HFVerifier
 
     methods = list(cfg.methods)
@@ -558,36 +562,47 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     for method in methods:
         sizes = cfg.block_sizes if cfg.block_sizes and method in ENGINE_METHODS and method != "plain" else None
         variants += [(f"{method}@{b}", method, b) for b in sizes] if sizes else [(method, method, cfg.block_size)]
+    # one Engine per variant (its own coordinator state), all over the one loaded verifier and one page pool
+    # (one sequence at a time); each run makes its engine's pool and captured layers the verifier's
+    pool = PagePool(num_pages, page_size, verifier.device)
+    runners = []
+    for label, method, block_size in variants:
+        if method in ENGINE_METHODS:
+            engine = Engine(verifier, drafters[method], page_size=page_size, pool=pool)
+            g = GenerationConfig(**{**asdict(gen), **variant_settings(block_size, gen.lookup)})
+            engine.check(g)
+
+            def one(i, ids, n, seed, engine=engine, label=label, g=g):
+                engine.activate()
+                c = GenerationConfig(**{**asdict(g), "max_new_tokens": n, "seed": seed})
+                return run_engine(engine, ids, c, label, prompts[i].category, prompts[i].index)
+        else:
+            helper = assistant if method == "hf-assisted" else None
+
+            def one(i, ids, n, seed, helper=helper, method=method):
+                verifier.set_capture_layers([])  # no drafter's hooks on transformers' own forward passes
+                return run_hf(verifier.model, ids, method, prompts[i].category, prompts[i].index, n,
+                              cfg.temperature, cfg.top_p, seed, eos, pad, helper, lookup_tokens)
+        runners.append((label, one))
+    if cfg.order == "method":
+        schedule = [(v, i) for v in range(len(runners)) for i in range(len(encoded))]
+    else:  # interleaved: each prompt through every variant in turn
+        schedule = [(v, i) for i in range(len(encoded)) for v in range(len(runners))]
     runs: list[PromptRun] = []
-    bar = tqdm(total=len(variants) * len(prompts), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(schedule), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     try:
-        for label, method, block_size in variants:
+        for label, one in runners:
+            bar.set_description(f"{label} warm-up")
+            one(0, encoded[0], cfg.warmup_tokens, cfg.seed)  # untimed
+        for v, i in schedule:
+            label, one = runners[v]
             bar.set_description(label)
-            verifier.set_capture_layers([])  # drop the hooks a previous drafter asked for
-            if method in ENGINE_METHODS:
-                # one Engine (one fresh page pool) per method, all over the one loaded verifier
-                engine = Engine(verifier, drafters[method], num_pages=num_pages, page_size=page_size)
-                g = GenerationConfig(**{**asdict(gen), **variant_settings(block_size, gen.lookup)})
-                engine.check(g)
-
-                def one(i, ids, n, seed, engine=engine, label=label, g=g):
-                    c = GenerationConfig(**{**asdict(g), "max_new_tokens": n, "seed": seed})
-                    return run_engine(engine, ids, c, label, prompts[i].category, prompts[i].index)
-            else:
-                helper = assistant if method == "hf-assisted" else None
-
-                def one(i, ids, n, seed, helper=helper, method=method):
-                    return run_hf(verifier.model, ids, method, prompts[i].category, prompts[i].index, n,
-                                  cfg.temperature, cfg.top_p, seed, eos, pad, helper, lookup_tokens)
-
-            one(0, encoded[0], cfg.warmup_tokens, cfg.seed)  # warm-up, untimed
-            for i, ids in enumerate(encoded):
-                runs.append(one(i, ids, cfg.max_new_tokens, cfg.seed + i))
-                bar.update(1)
-            engine = helper = one = None  # free this method's page pool before the next one
+            runs.append(one(i, encoded[i], cfg.max_new_tokens, cfg.seed + i))
+            bar.update(1)
     finally:
         bar.close()
         verifier.set_capture_layers([])
+    runs.sort(key=lambda r: [label for label, _ in runners].index(r.method))  # method-major, prompts in order
 
     stats, mismatches = summarise(runs, [label for label, _, _ in variants], categories, greedy)
     config = {k: (str(v) if k == "dtype" else v) for k, v in asdict(cfg).items()}

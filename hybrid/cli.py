@@ -185,11 +185,14 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed of the first prompt (prompt i uses seed + i).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--limit", type=int, default=None, metavar="N", help="Only the first N prompts of each category.")
+@click.option("--order", type=click.Choice(["interleaved", "method"]), default="interleaved", show_default=True,
+              help="interleaved: each prompt through every method in turn (a drift in the machine's speed falls on all "
+                   "alike); method: one method at a time. The vLLM backend runs one engine (method) at a time.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
 def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, temperature, top_p, seed,
-          device, limit, as_json, plot_file, dtype):
+          device, limit, order, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
 
@@ -197,6 +200,7 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
         verifier=verifier, drafter=drafter, assistant=assistant, methods=b.parse_methods(methods, backend), prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
         block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
+        order=order,
     )
     if plot_file:
         b.check_plot_available()

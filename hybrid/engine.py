@@ -95,11 +95,13 @@ class TextStream:
 class Engine:
     """A verifier, an optional drafter and the page pool they share."""
 
-    def __init__(self, verifier: HFVerifier, drafter=None, num_pages: int | None = None, page_size: int = 16):
+    def __init__(self, verifier: HFVerifier, drafter=None, num_pages: int | None = None, page_size: int = 16,
+                 pool: PagePool | None = None):
+        """`pool`: share another engine's page pool (engines over one verifier taking turns, as in the bench)."""
         self.verifier, self.drafter = verifier, drafter
         if num_pages is None:
             num_pages = -(-(min(verifier.max_context, 8192) + 64) // page_size)
-        self.pool = PagePool(num_pages, page_size, verifier.device)
+        self.pool = pool if pool is not None else PagePool(num_pages, page_size, verifier.device)
         self.costs = CostModel()  # draft/verify timings, shared by the coordinators of all requests
         self.acceptance = None  # engine-wide acceptance counts the coordinators start from (made on first use)
         self.calibration = Calibration()  # engine-wide acceptance per drafter confidence (trimmed rounds)
@@ -108,6 +110,17 @@ class Engine:
         if drafter is not None:
             drafter.attach(self.pool, verifier)
             verifier.set_capture_layers(drafter.capture_layers)
+
+    def activate(self) -> None:
+        """Make this engine's the verifier's page pool and captured layers again: needed only when several
+        engines share one verifier and take turns (the bench runs its methods interleaved)."""
+        if self.verifier.pool is not self.pool:
+            self.verifier.attach(self.pool)
+        if self.drafter is not None:
+            self.drafter.attach(self.pool, self.verifier)
+        wanted = list(self.drafter.capture_layers) if self.drafter is not None else []
+        if self.verifier.capture_layers != wanted:
+            self.verifier.set_capture_layers(wanted)
 
     @classmethod
     def load(cls, verifier: str, drafter: str = "none", dtype="auto", device: str = "cpu", **kw) -> "Engine":

@@ -51,9 +51,13 @@ class PagePool:
 
     # -- models ---------------------------------------------------------------------------
     def register(self, model: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """Allocate the cache of one model: kv [L, 2, num_pages, P, H, D]."""
+        """Allocate the cache of one model: kv [L, 2, num_pages, P, H, D]. Registering a model again with the
+        same shape and dtype returns its cache (several engines over one verifier may share a pool)."""
         if model in self.kv:
-            raise ValueError(f"model {model!r} is already registered with this pool")
+            kv = self.kv[model]
+            if kv.shape[0] == num_layers and kv.shape[-2:] == (num_kv_heads, head_dim) and kv.dtype == dtype:
+                return kv
+            raise ValueError(f"model {model!r} is already registered with this pool with another shape")
         self.kv[model] = torch.zeros(
             num_layers, 2, self.num_pages, self.page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device
         )

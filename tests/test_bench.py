@@ -212,3 +212,31 @@ def test_auto_lines_compare_with_best_and_each_fixed_size():
                                   "hybrid@auto / each fixed size overall: @2 1.21, @4 1.10", ""]
     del result.stats["hybrid@2"], result.stats["hybrid@4"]
     assert auto_lines(result) == []
+
+
+@pytest.mark.parametrize("order", ["interleaved", "method"])
+def test_order_interleaves_methods_per_prompt_over_one_pool(models, monkeypatch, order):
+    import hybrid.bench as bench
+
+    verifier, _, drafter, prompts = models
+    calls = []
+    run_engine = bench.run_engine
+
+    def spy(engine, ids, cfg, method, category, index):
+        calls.append((method, cfg.max_new_tokens))
+        # the engine taking its turn owns the verifier's pool and hooks
+        assert engine.verifier.pool is engine.pool
+        assert engine.verifier.capture_layers == (engine.drafter.capture_layers if engine.drafter else [])
+        return run_engine(engine, ids, cfg, method, category, index)
+
+    monkeypatch.setattr(bench, "run_engine", spy)
+    r = run_bench(BenchConfig(verifier=str(verifier), drafter=str(drafter), prompts=str(prompts), max_new_tokens=10,
+                              methods=("plain", "hybrid", "hf-prompt-lookup"), block_sizes=(1, "auto"), order=order),
+                  progress=False)
+    labels = ["plain", "hybrid@1", "hybrid@auto"]
+    timed = [m for m, n in calls if n == 10]
+    assert [m for m, n in calls if n != 10] == labels  # one warm-up each, first
+    assert timed == (labels * 3 if order == "interleaved" else [m for m in labels for _ in range(3)])
+    # results come back method-major, prompts in file order, and every method matches plain
+    assert [(x.method, x.index) for x in r.runs] == [(m, i) for m in labels + ["hf-prompt-lookup"] for i in range(3)]
+    assert r.mismatches == [] and all(s[ALL].identical_to_plain for s in r.stats.values())
