@@ -14,10 +14,20 @@ the estimate within tens of rounds. A position with few observations leans on it
 estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the tail seen so far.
 Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
 properties of the machine, not of the text). With probability `explore` a round tries a random size,
-so no size starves forever. More denoising steps T > 1 start from the one-step estimate: they are tried
-by exploration and chosen once measured to pay for their extra passes. A new sequence's estimates start
+so no size starves forever. A new sequence's estimates start
 from the engine's shared counts (`shared`, decaying over a few hundred rounds of all sequences) rather
 than a flat prior, so short requests do not spend their few rounds relearning what the drafter is worth.
+
+Denoising steps. How much more T > 1 passes accept is a property of the drafter, not of the text, so it
+is measured engine-wide and added to the sequence's own estimate:
+    alpha_i(T) = alpha_i + (A_i(T) - A_i(1)),   clipped to [0.001, 0.999],
+with alpha_i the sequence's acceptance at one step and A_i(T) the engine's per step count (`shared`; a
+coordinator without one keeps its own per-T counts). Choosing T takes the gain less one standard error:
+the step count in use gathers counts while the others are only explored, so a point estimate would keep
+whichever T was lucky early. alpha_i learns from all the sequence's rounds: one at T steps counts its
+acceptances less the gain. An untried T has A(T) = A(1) (no gain assumed, so its extra passes are not
+bought on hope); exploration measures it. Deciding T from a sequence's own few rounds at each T picked
+whichever T had a lucky streak (and four passes that accept no more than one cost ~10 % of a CPU round).
 
 Plain rounds. With `allow_plain` (the engine's default) B = 0 is a candidate too: a round with no draft
 commits exactly one token for v(0) seconds, so when no block is expected to pay for its drafting and
@@ -48,6 +58,7 @@ when that beats the best drafter option's expected rate (else it drafts as usual
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -116,7 +127,9 @@ class AcceptanceCounts:
             self.counts[steps] = ([0.0] * self.max_block_size, [0.0] * self.max_block_size)
         return self.counts[steps]
 
-    def observe(self, block_size: int, steps: int, accepted: int) -> None:
+    def observe(self, block_size: int, steps: int, accepted: int, shift: list[float] | None = None) -> None:
+        """`shift`: subtract shift[i] from each acceptance at position i (a round at more steps, counted on the
+        one-step scale); accepted counts stay within [0, reached]."""
         for counts in self.counts.values():
             for c in counts:
                 for i in range(len(c)):
@@ -124,8 +137,8 @@ class AcceptanceCounts:
         reached, acc = self.get(steps)
         for i in range(min(accepted + 1, block_size)):
             reached[i] += 1
-            if i < accepted:
-                acc[i] += 1
+            acc[i] += (i < accepted) - (shift[i] if shift is not None else 0.0)
+            acc[i] = min(reached[i], max(0.0, acc[i]))
 
     def means(self, steps: int, priors: list[float] | None = None) -> list[float]:
         """Posterior mean acceptance per position: counts plus `prior_strength` pseudo-rounds at the prior,
@@ -209,15 +222,34 @@ class Coordinator:
         self._hit_cap = False  # the last trimmed round verified all it drafted
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
         self._lookup = AcceptanceCounts(self.max_lookup, self.decay, self.prior_strength)
+        # acceptance per step count, for the gain of T > 1 passes: the engine's, else this coordinator's own
+        # (remembering as long as the engine's: a property of the drafter, not of the last few rounds)
+        self._by_steps = self.shared if self.shared is not None else AcceptanceCounts(
+            self.max_block_size, 0.995, self.prior_strength)
 
     def alphas(self, steps: int = 1) -> list[float]:
-        """Posterior mean acceptance per position (conditional on the previous ones). The prior is the
-        engine's shared estimate for `steps`; for more than one step, whatever that lacks leans on this
-        sequence's one-step estimate (more passes are assumed no better until measured, so an untried
-        step count, which costs more, is not chosen on the strength of a flat prior)."""
-        base = None if steps == 1 else self.alphas(1)
-        priors = base if self.shared is None else self.shared.means(steps, base)
-        return self._acc.means(steps, priors)
+        """Posterior mean acceptance per position (conditional on the previous ones): this sequence's at one
+        step (prior: the engine's), plus for `steps` > 1 the gain of that many passes measured over the
+        engine (see "Denoising steps")."""
+        priors = None if self.shared is None else self.shared.means(1)
+        own = self._acc.means(1, priors)
+        if steps == 1:
+            return own
+        return [min(0.999, max(0.001, a + g)) for a, g in zip(own, self.step_gain(steps, cautious=True))]
+
+    def step_gain(self, steps: int, cautious: bool = False) -> list[float]:
+        """A_i(steps) - A_i(1) per position: the engine's measured gain of `steps` denoising passes over one.
+        `cautious`: less one standard error of that difference (what choosing T uses)."""
+        by = self._by_steps
+        one = by.means(1)
+        more = by.means(steps, one)  # untried: no gain
+        gain = [m - o for m, o in zip(more, one)]
+        if not cautious:
+            return gain
+        n1, n2 = by.get(1)[0], by.get(steps)[0]  # decayed rounds that reached each position
+        ps = by.prior_strength
+        return [g - math.sqrt(o * (1 - o) / (a + ps) + m * (1 - m) / (b + ps))
+                for g, o, m, a, b in zip(gain, one, more, n1, n2)]
 
     def expected_taus(self, steps: int = 1) -> list[float]:
         """E[tau | B, steps] for B = 0..max: 1 + sum_{i<=B} prod_{j<=i} alpha_j."""
@@ -322,9 +354,9 @@ class Coordinator:
             return
         if self.calibration is not None and conf:
             self.calibration.observe(conf[:block_size], accepted)
-        self._acc.observe(block_size, steps, accepted)
-        if self.shared is not None:
-            self.shared.observe(block_size, steps, accepted)
+        gain = self.step_gain(steps) if steps > 1 else None
+        self._acc.observe(block_size, 1, accepted, shift=gain)  # the text's acceptance, on the one-step scale
+        self._by_steps.observe(block_size, steps, accepted)
 
     def __call__(self, ctx) -> tuple[int, int]:
         return self.next()

@@ -140,16 +140,56 @@ def test_a_new_sequence_starts_from_the_engines_shared_acceptance():
 
 
 def test_untried_step_counts_lean_on_the_one_step_estimate():
-    """More denoising passes cost more: until measured, their acceptance is taken to be the one-step
-    estimate (not the flat prior), so they are not chosen on hope; measured better, they are."""
+    """More denoising passes cost more: until measured, they are assumed to accept no more than one pass
+    (and are chosen on that less its doubt), so they are not chosen on hope; measured better, they are."""
     coord = Coordinator(MAX_B, max_steps=4, seed=12, explore=0.0)
     simulate(coord, lambda r, t: 0.3, 60, random.Random(13))
-    assert sum(coord._acc.get(2)[0]) == 0  # T = 2 never tried
-    assert coord.alphas(2) == pytest.approx(coord.alphas(1)) and coord.alphas(1)[0] == pytest.approx(0.3, abs=0.15)
+    assert sum(coord._by_steps.get(2)[0]) == 0  # T = 2 never tried
+    assert coord.step_gain(2) == pytest.approx([0.0] * MAX_B)  # untried: no gain assumed ...
+    assert all(a2 < a1 for a1, a2 in zip(coord.alphas(1), coord.alphas(2)))  # ... and chosen less its doubt
+    assert coord.alphas(1)[0] == pytest.approx(0.3, abs=0.15)
     assert coord.next()[1] == 1
     for _ in range(30):  # measured: two passes accept far more
         coord.observe(8, 2, 8, draft_cost(8, 2), verify_cost(8))
     assert coord.next()[1] == 2
+
+
+def test_steps_that_accept_no_more_are_not_chosen_on_a_lucky_streak():
+    """Acceptance 0.4 whatever the steps, and each pass costs: many short sequences sharing the engine's
+    counts (as in a bench or a server) keep to one step but for exploration. Deciding T per sequence from
+    its own few rounds picked T > 1 in a third of the rounds (measured on the CPU bench)."""
+    from hybrid.coordinator import AcceptanceCounts
+
+    shared, costs, rng, steps = AcceptanceCounts(MAX_B, decay=0.995), CostModel(), random.Random(21), Counter()
+    for s in range(40):
+        coord = Coordinator(MAX_B, max_steps=4, seed=s, costs=costs, shared=shared, allow_plain=True)
+        for _ in range(20):
+            b, t = coord.next()
+            acc = 0
+            while acc < b and rng.random() < 0.4:
+                acc += 1
+            coord.observe(b, t, acc, draft_cost(b, t) if b else 0.0, verify_cost(b))
+            steps[t] += 1
+    assert steps[0] + steps[1] > 0.93 * sum(steps.values()), steps
+    assert all(abs(g) < 0.1 for g in coord.step_gain(4)[:2])  # measured: no gain at the positions that matter
+
+
+def test_a_step_gain_measured_on_the_engine_lifts_every_sequence():
+    """The gain of more passes is the engine's: a fresh sequence whose own one-step estimate is low still
+    adds it, and its own rounds at two steps count on the one-step scale (acceptance less the gain)."""
+    from hybrid.coordinator import AcceptanceCounts
+
+    shared = AcceptanceCounts(4, decay=1.0)
+    shared.counts[1] = ([1e6] * 4, [0.3e6] * 4)
+    shared.counts[2] = ([1e6] * 4, [0.6e6] * 4)
+    coord = Coordinator(4, max_steps=2, shared=shared, explore=0.0)
+    assert coord.step_gain(2) == pytest.approx([0.3] * 4, abs=1e-4)
+    assert coord.alphas(2) == pytest.approx([a + 0.3 for a in coord.alphas(1)], abs=2e-3)  # 1e6 rounds: no doubt
+    for _ in range(50):
+        coord.observe(4, 2, 4, 0.01, 0.1)  # everything accepted at two steps
+    n = sum(0.9 ** k for k in range(50))  # decayed rounds, plus 2 pseudo-rounds at the engine's 0.3
+    assert coord.alphas(1)[0] == pytest.approx((n * (1 - 0.3) + 2 * 0.3) / (n + 2), abs=1e-3)  # one-step scale
+    assert coord.alphas(2)[0] == pytest.approx(coord.alphas(1)[0] + 0.3, abs=1e-3)
 
 
 # -- trimming by the drafter's confidence -------------------------------------------------------------
