@@ -114,10 +114,10 @@ class Engine:
     def activate(self) -> None:
         """Make this engine's the verifier's page pool and captured layers again: needed only when several
         engines share one verifier and take turns (the bench runs its methods interleaved)."""
-        if self.verifier.pool is not self.pool:
+        if self.verifier.pool is not self.pool:  # engines with pools of their own (the bench shares one)
             self.verifier.attach(self.pool)
-        if self.drafter is not None:
-            self.drafter.attach(self.pool, self.verifier)
+            if self.drafter is not None:
+                self.drafter.attach(self.pool, self.verifier)
         wanted = list(self.drafter.capture_layers) if self.drafter is not None else []
         if self.verifier.capture_layers != wanted:
             self.verifier.set_capture_layers(wanted)

@@ -52,6 +52,23 @@ def test_greedy_output_equals_plain_greedy(family, drafter):
             assert engine.pool.free_pages == engine.pool.num_pages  # everything freed
 
 
+def test_engines_taking_turns_over_one_verifier_each_match_plain():
+    """Several engines over one verifier (the bench's variants), with pools of their own or one shared pool:
+    each activate()s before its turn and decodes exactly what the verifier alone would."""
+    v = make_verifier("qwen3")
+    ref = greedy_reference(v, PROMPT, N)
+    cfg = GenerationConfig(max_new_tokens=N, block_size=4, stop_on_eos=False)
+    shared = Engine(v, small_diffusion(v), num_pages=16, page_size=8).pool
+    engines = [Engine(v, None, num_pages=16, page_size=8), Engine(v, small_diffusion(v), num_pages=16, page_size=8),
+               Engine(v, NgramDrafter(), pool=shared), Engine(v, small_diffusion(v), pool=shared)]
+    for _ in range(2):
+        for e in engines:
+            e.activate()
+            assert v.pool is e.pool and v.capture_layers == (e.drafter.capture_layers if e.drafter else [])
+            assert e.generate(PROMPT, cfg).token_ids == ref
+            assert e.pool.free_pages == e.pool.num_pages
+
+
 def test_drafter_equal_to_verifier_accepts_every_token():
     v = make_verifier("qwen3")
     engine = Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)), num_pages=16, page_size=8)
