@@ -68,9 +68,10 @@ class CostModel:
     """Decayed least-squares fits of draft and verify seconds; shared by all sequences of an engine."""
 
     decay: float = 0.98
-    # sufficient statistics of y = a + b x: [n, sx, sxx, sy, sxy], seeded with a weak prior
+    # sufficient statistics of y = a + b x: [n, sx, sxx, sy, sxy], decayed; the prior counts until data come
     draft: list[float] = field(default_factory=lambda: [0.0] * 5)
-    verify: list[float] = field(default_factory=lambda: [0.0] * 5)
+    verify: list[float] = field(default_factory=lambda: [0.0] * 5)  # rounds that verified B >= 1 draft tokens
+    plain: list[float] = field(default_factory=lambda: [0.0] * 2)  # plain rounds: [n, sum of seconds]
     prior_draft: tuple[float, float] = (0.002, 0.001)  # seconds: a, b per (T * (B + 1))
     prior_verify: tuple[float, float] = (0.05, 0.004)  # seconds: a, b per B
 
@@ -85,31 +86,41 @@ class CostModel:
         s[4] += x * y
 
     @staticmethod
-    def _fit(s: list[float], prior: tuple[float, float], x: float) -> float:
+    def _fit(s: list[float], prior: tuple[float, float], x: float, strength: float = 1.0) -> float:
+        """y = a + b x by decayed least squares, the slope shrunk towards the prior's by `strength` (a
+        pseudo-spread of x, in x units squared) and the line through the data's mean; no data: the prior.
+        (Pseudo-points at fixed x would be far from data clustered at a few block sizes, and their leverage
+        set the slope: it read ~0.5 ms per token on a CPU where a token costs ~9.)"""
         n, sx, sxx, sy, sxy = s
-        # ridge towards the prior with one pseudo-observation at x = 0 and one at x = 16
         a0, b0 = prior
-        for px in (0.0, 16.0):
-            py = a0 + b0 * px
-            n, sx, sxx, sy, sxy = n + 1, sx + px, sxx + px * px, sy + py, sxy + px * py
-        det = n * sxx - sx * sx
-        b = (n * sxy - sx * sy) / det if det > 1e-12 else b0
-        a = (sy - b * sx) / n
-        return max(a + b * x, 1e-9)
+        if n < 1e-9:
+            return max(a0 + b0 * x, 1e-9)
+        mx, my = sx / n, sy / n
+        b = (sxy - n * mx * my + strength * b0) / (sxx - n * mx * mx + strength)
+        return max(my + b * (x - mx), 1e-9)
 
     def observe(self, block_size: int, steps: int, draft_s: float, verify_s: float, drafted: int | None = None) -> None:
-        """A round's timings: `drafted` tokens drafted (default block_size), block_size of them verified."""
+        """A round's timings: `drafted` tokens drafted (default block_size), block_size of them verified.
+        Plain rounds (nothing verified but the last token) are kept apart: one row can take another kernel
+        path than several (on a CPU in bf16 it is slower than two), so they are not a point on the line."""
         drafted = block_size if drafted is None else drafted
         if drafted > 0:
             self._add(self.draft, steps * (drafted + 1), draft_s, self.decay)
-        self._add(self.verify, block_size, verify_s, self.decay)
+        if block_size > 0:
+            self._add(self.verify, block_size, verify_s, self.decay)
+        else:
+            self.plain[0] = self.plain[0] * self.decay + 1
+            self.plain[1] = self.plain[1] * self.decay + verify_s
 
     def verify_seconds(self, block_size: int) -> float:
-        return self._fit(self.verify, self.prior_verify, block_size)
+        if block_size > 0:
+            return self._fit(self.verify, self.prior_verify, block_size)
+        n, sy = self.plain  # plain rounds' mean, with the line's value at 0 as one pseudo-round
+        return (sy + self._fit(self.verify, self.prior_verify, 0)) / (n + 1)
 
     def seconds(self, block_size: int, steps: int) -> float:
         d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1)) if block_size else 0.0
-        return d + self._fit(self.verify, self.prior_verify, block_size)
+        return d + self.verify_seconds(block_size)
 
 
 @dataclass

@@ -82,6 +82,28 @@ def test_state_is_per_sequence_costs_are_shared():
     assert costs.seconds(8, 1) == pytest.approx(draft_cost(8, 1) + verify_cost(8), rel=0.05)
 
 
+def test_cost_fit_finds_the_slope_of_sizes_clustered_together_and_keeps_plain_rounds_apart():
+    """Verify seconds measured at block sizes 2-8 only (as the coordinator's choices cluster), noisy: the fit
+    finds the per-token cost, far from the prior's; plain rounds, slower than a 1-token block on a CPU
+    (another kernel path), are their own mean rather than a point pulling the line."""
+    rng, costs = random.Random(3), CostModel()
+    assert costs.verify_seconds(4) == pytest.approx(0.05 + 0.004 * 4)  # no data: the prior
+    for _ in range(300):
+        b = rng.randint(2, 8)
+        costs.observe(b, 1, 0.002 + 0.001 * (b + 1), 0.19 + 0.009 * b + rng.gauss(0, 0.01), b)
+        if rng.random() < 0.1:
+            costs.observe(0, 0, 0.0, 0.225 + rng.gauss(0, 0.01))
+    slope = (costs.verify_seconds(8) - costs.verify_seconds(1)) / 7
+    assert slope == pytest.approx(0.009, abs=0.003)
+    assert costs.verify_seconds(4) == pytest.approx(0.19 + 0.036, abs=0.01)
+    assert costs.verify_seconds(0) == pytest.approx(0.225, abs=0.01)
+    assert costs.seconds(0, 0) == costs.verify_seconds(0)
+    assert costs.seconds(4, 2) == pytest.approx(costs.verify_seconds(4) + 0.002 + 0.001 * 10, abs=0.003)
+    one = CostModel()
+    one.observe(8, 1, 0.011, 0.26, 8)  # one round: its level, the prior's slope
+    assert one.verify_seconds(8) == pytest.approx(0.26) and one.verify_seconds(4) == pytest.approx(0.26 - 4 * 0.004)
+
+
 def test_expected_tau_formula():
     c = Coordinator(4)
     c._acc.counts[1] = ([1e9] * 4, [0.5e9] * 4)  # alpha = 0.5 everywhere, certain
