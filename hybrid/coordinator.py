@@ -4,7 +4,10 @@ Model. Let alpha_i(T) be the probability that draft position i is accepted given
 were (per sequence, per step count T). A round with block size B commits
     E[tau | B, T] = 1 + sum_{i=1..B} prod_{j<=i} alpha_j(T)
 tokens and costs c(B, T) = d(B, T) + v(B) seconds, with draft time d(B, T) = d0 + d1 * T * (B + 1)
-(T drafter passes over B + 1 rows) and verify time v(B) = v0 + v1 * B (one pass over B + 1 rows).
+(T drafter passes over B + 1 rows) and verify time v(B) (one pass over B + 1 rows): per block size, the
+decayed mean of that size's measured rounds with the line v0 + v1 * B as one more round, so a size seldom
+run leans on the line. (A verifier's cost is not linear in B: on a CPU one row takes a slower path than
+two, and 1 -> 4 rows costs more per row than 4 -> 8; the line alone misjudged both ends.)
 The next (B, T) maximises E[tau | B, T] / c(B, T), the expected committed tokens per second.
 
 Estimation. alpha_i(T) is a Beta posterior over decayed counts: a round that accepted a of B draft
@@ -12,7 +15,7 @@ tokens "reached" positions 1..min(a+1, B) and accepted positions 1..a. Counts de
 round (memory of about 1 / (1 - decay) rounds), so a text that changes character (prose -> code) moves
 the estimate within tens of rounds. A position with few observations leans on its predecessor's
 estimate (prior mean alpha_{i-1}), so untried longer blocks look as good as the tail seen so far.
-Costs are least-squares fits with decayed sufficient statistics, shared across sequences (they are
+Costs (the lines and the per-size means) are decayed statistics shared across sequences (they are
 properties of the machine, not of the text). With probability `explore` a round tries a random size,
 so no size starves forever. A new sequence's estimates start
 from the engine's shared counts (`shared`, decaying over a few hundred rounds of all sequences) rather
@@ -71,7 +74,8 @@ class CostModel:
     # sufficient statistics of y = a + b x: [n, sx, sxx, sy, sxy], decayed; the prior counts until data come
     draft: list[float] = field(default_factory=lambda: [0.0] * 5)
     verify: list[float] = field(default_factory=lambda: [0.0] * 5)  # rounds that verified B >= 1 draft tokens
-    plain: list[float] = field(default_factory=lambda: [0.0] * 2)  # plain rounds: [n, sum of seconds]
+    # verify seconds per block size B (0: plain rounds): [n, sum of seconds], decayed with the line's
+    by_size: dict[int, list[float]] = field(default_factory=dict)
     prior_draft: tuple[float, float] = (0.002, 0.001)  # seconds: a, b per (T * (B + 1))
     prior_verify: tuple[float, float] = (0.05, 0.004)  # seconds: a, b per B
 
@@ -101,22 +105,24 @@ class CostModel:
 
     def observe(self, block_size: int, steps: int, draft_s: float, verify_s: float, drafted: int | None = None) -> None:
         """A round's timings: `drafted` tokens drafted (default block_size), block_size of them verified.
-        Plain rounds (nothing verified but the last token) are kept apart: one row can take another kernel
-        path than several (on a CPU in bf16 it is slower than two), so they are not a point on the line."""
+        Plain rounds (nothing verified but the last token) are not points on the line: one row can take
+        another kernel path than several (on a CPU in bf16 it is slower than two)."""
         drafted = block_size if drafted is None else drafted
         if drafted > 0:
             self._add(self.draft, steps * (drafted + 1), draft_s, self.decay)
         if block_size > 0:
             self._add(self.verify, block_size, verify_s, self.decay)
-        else:
-            self.plain[0] = self.plain[0] * self.decay + 1
-            self.plain[1] = self.plain[1] * self.decay + verify_s
+        for stats in self.by_size.values():
+            stats[0] *= self.decay
+            stats[1] *= self.decay
+        stats = self.by_size.setdefault(block_size, [0.0, 0.0])
+        stats[0] += 1
+        stats[1] += verify_s
 
     def verify_seconds(self, block_size: int) -> float:
-        if block_size > 0:
-            return self._fit(self.verify, self.prior_verify, block_size)
-        n, sy = self.plain  # plain rounds' mean, with the line's value at 0 as one pseudo-round
-        return (sy + self._fit(self.verify, self.prior_verify, 0)) / (n + 1)
+        """v(B): this size's decayed mean of measured rounds, with the line's value at B as one more round."""
+        n, total = self.by_size.get(block_size, (0.0, 0.0))
+        return (total + self._fit(self.verify, self.prior_verify, block_size)) / (n + 1)
 
     def seconds(self, block_size: int, steps: int) -> float:
         d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1)) if block_size else 0.0

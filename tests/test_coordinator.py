@@ -104,6 +104,20 @@ def test_cost_fit_finds_the_slope_of_sizes_clustered_together_and_keeps_plain_ro
     assert one.verify_seconds(8) == pytest.approx(0.26) and one.verify_seconds(4) == pytest.approx(0.26 - 4 * 0.004)
 
 
+def test_verify_seconds_follow_a_cost_curve_no_line_fits():
+    """A CPU's verify seconds (bench (c)): one row slower than two, steep from 1 to 4 rows, flat after. Each
+    size the coordinator runs is read at its own measured mean; a size never run leans on the line."""
+    curve = {0: 0.225, 1: 0.200, 2: 0.195, 3: 0.215, 4: 0.230, 6: 0.240, 8: 0.250}
+    rng, costs = random.Random(11), CostModel()
+    for _ in range(400):
+        b = rng.choice([0, 1, 2, 2, 2, 3, 4, 4, 6, 8])
+        costs.observe(b, 1, 0.002 + 0.001 * (b + 1), curve[b] + rng.gauss(0, 0.008), b)
+    for b, seconds in curve.items():
+        assert costs.verify_seconds(b) == pytest.approx(seconds, abs=0.006), b
+    assert costs.verify_seconds(1) > costs.verify_seconds(2)  # no line can say this
+    assert costs.verify_seconds(12) > costs.verify_seconds(8)  # never run: the line, rising
+
+
 def test_expected_tau_formula():
     c = Coordinator(4)
     c._acc.counts[1] = ([1e9] * 4, [0.5e9] * 4)  # alpha = 0.5 everywhere, certain
