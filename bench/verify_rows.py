@@ -20,8 +20,9 @@ def main():
     ap.add_argument("--context", type=int, default=120)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--rows", default="1,2,3,4,8,16")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = ap.parse_args()
-    model, _ = load_causal_lm(a.model, torch.bfloat16)
+    model, _ = load_causal_lm(a.model, getattr(torch, a.dtype))
     model.eval()
     torch.manual_seed(0)
     vocab = model.config.vocab_size
