@@ -608,8 +608,22 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     config = {k: (str(v) if k == "dtype" else v) for k, v in asdict(cfg).items()}
     config.update(methods=list(methods), drafter=drafter_spec, prompts=str(cfg.prompts or DEFAULT_PROMPTS),
                   num_prompts=len(prompts), device=str(verifier.device), verifier_dtype=str(verifier.dtype),
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(),
+                  cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_matmul_flags=cpu_matmul_flags())
     return BenchResult(config, categories, stats, skipped, mismatches, runs)
+
+
+def cpu_matmul_flags() -> list[str]:
+    """The CPU's vector and matrix instructions that decide what a verify pass over several rows costs: with
+    bf16 ones (avx512_bf16, amx_bf16) a few rows cost about one row; with AVX2 only, about their number of
+    rows (bench/RESULTS.md (h)). Empty where /proc/cpuinfo is not there."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [w for w in wanted if w in flags]
 
 
 # -- reporting -----------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def test_bench_cli_all_methods_lossless_json_last(models, capsys):
     methods = result["methods"]
     assert list(methods) == ["plain", "hybrid", "ngram", "hf-assisted", "hf-prompt-lookup"]
     assert result["categories"] == ["code", "chat"]
+    config = result["config"]  # the machine, as far as it decides what a verify pass over several rows costs
+    assert config["torch_threads"] >= 1 and config["cpu_capability"] and isinstance(config["cpu_matmul_flags"], list)
     for m, cats in methods.items():
         assert set(cats) == {"code", "chat", ALL}
         for c, s in cats.items():
