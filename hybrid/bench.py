@@ -615,15 +615,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
 
 def cpu_matmul_flags() -> list[str]:
     """The CPU's vector and matrix instructions that decide what a verify pass over several rows costs: with
-    bf16 ones (avx512_bf16, amx_bf16) a few rows cost about one row; with AVX2 only, about their number of
-    rows (bench/RESULTS.md (h)). Empty where /proc/cpuinfo is not there."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [w for w in wanted if w in flags]
+    bf16 ones (avx512_bf16, amx_tile) a few rows cost about one row; with AVX2 only, about their number of
+    rows (bench/RESULTS.md (h)). As torch's own CPU detection (cpuinfo, any OS) reports them."""
+    names = ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile", "amx_fp16")
+    return [n for n in names if getattr(torch.cpu, f"_is_{n}_supported", lambda: False)()]
 
 
 # -- reporting -----------------------------------------------------------------------------
