@@ -17,6 +17,9 @@ from hybrid.pages import PagePool
 from hybrid.verifiers.hf import HFVerifier
 
 
+MAX_TREE = 64  # draft tree tokens per verify pass
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -30,6 +33,7 @@ class GenerationConfig:
     stop_on_eos: bool = True
     trim: bool = True  # with block size auto: verify as much of each draft as the drafter's confidence pays for
     lookup: int = 2  # prompt lookup before the drafter: the last >= 2 tokens recurring -> copy what followed (0: off)
+    tree: int = 0  # verify draft trees of up to this many tokens (hybrid.tree; drafters with one pass per block), 0: chains
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
@@ -149,6 +153,8 @@ class Engine:
                 raise UserError(f"{name} must be auto or an integer >= 1, got {value}")
         if not isinstance(cfg.lookup, int) or cfg.lookup < 0:
             raise UserError(f"lookup must be an integer >= 0 (0: off), got {cfg.lookup}")
+        if not isinstance(cfg.tree, int) or not 0 <= cfg.tree <= MAX_TREE:
+            raise UserError(f"tree must be an integer from 0 (off) to {MAX_TREE}, got {cfg.tree}")
         cfg.sampling()
 
     def check(self, cfg: GenerationConfig) -> None:
@@ -184,7 +190,7 @@ class Engine:
         block = max_block if cfg.block_size == "auto" else cfg.block_size
         lookup = 0 if isinstance(self.drafter, NgramDrafter) else cfg.lookup  # the n-gram drafter is a lookup already
         loop_cfg = LoopConfig(cfg.max_new_tokens, block, 1 if cfg.steps == "auto" else cfg.steps, cfg.stop_on_eos,
-                              lookup, min(block, LoopConfig.lookup_block))  # lookup drafts: no longer than asked
+                              lookup, min(block, LoopConfig.lookup_block), cfg.tree)  # lookup drafts: no longer than asked
         rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(), schedule)
         try:
             for r in rounds:

@@ -12,11 +12,12 @@ from typing import Iterator, Protocol
 
 import torch
 
-from hybrid.acceptance import SamplingParams, accept
+from hybrid.acceptance import Acceptance, SamplingParams, accept
 from hybrid.drafters.base import Context, Draft, Drafter
 from hybrid.drafters.ngram import find_suffix, follow
 from hybrid.errors import UserError
 from hybrid.pages import PagePool
+from hybrid.tree import accept_tree, depths
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LoopConfig:
     stop_on_eos: bool = True
     lookup: int = 0  # prompt lookup first: >= this many context tokens recurring -> draft what followed them (0: off)
     lookup_block: int = 8  # longest lookup draft
+    tree: int = 0  # draft trees of up to this many tokens (hybrid.tree) from drafters that offer them (0: chains)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Round:
     verify_s: float = 0.0
     finish_reason: str | None = None  # "eos", "length" or None (the caller decides "stop")
     lookup: bool = False  # the draft came from prompt lookup, not the drafter
+    tree_size: int = 0  # tokens in the round's draft tree (0: a chain of block_size tokens)
 
 
 class Schedule(Protocol):
@@ -118,7 +121,8 @@ def speculative_decode(
     ctx = Context(tokens=list(prompt), seq=seq)
     try:
         # Budget check up front: the whole request must fit the pool, or it is refused now.
-        worst = min(len(prompt) + cfg.max_new_tokens + cfg.block_size, verifier.max_context + cfg.block_size)
+        extra = max(cfg.block_size, cfg.tree)  # slots a verify pass may write past the committed tokens
+        worst = min(len(prompt) + cfg.max_new_tokens + extra, verifier.max_context + extra)
         pool.check_fits(seq, worst)
 
         # 1. prefill: every prompt token but the last into the verifier's pages (and the drafter's)
@@ -148,26 +152,37 @@ def speculative_decode(
                 copied = copied[: schedule.lookup(len(copied), match)] if copied else []
             if copied:
                 draft = Draft(torch.tensor(copied, dtype=torch.long))  # deterministic: q one-hot, no confidence
+            elif drafter is not None and block_size > 0 and cfg.tree and hasattr(drafter, "propose_tree"):
+                draft = drafter.propose_tree(ctx, block_size, max(cfg.tree, block_size), (params, generator))
+                steps = 1
             elif drafter is not None and block_size > 0:
                 draft = drafter.propose(ctx, block_size, steps, (params, generator))
             _sync(verifier.device)
             t1 = time.perf_counter()
-            drafted = draft.size
-            conf = None if draft.conf is None else draft.conf.tolist()  # [B] the drafter's confidence per token
+            tree = draft.parents is not None
+            depth = int(depths(draft.parents).max()) if tree and draft.size else draft.size  # draft positions covered
+            drafted = depth
+            conf = None if draft.conf is None or tree else draft.conf.tolist()  # [B] the drafter's confidence per token
             if conf is not None and draft.size > 1:  # verify only as much as the schedule expects to pay
                 draft = draft.prefix(max(1, schedule.trim(conf)))
+                depth = draft.size
 
             # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
             inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]
-            out = verifier.score(seq, inputs)
+            out = verifier.score(seq, inputs, draft.parents) if tree else verifier.score(seq, inputs)
 
-            # 4. accept: the longest agreeing prefix plus one token of the verifier's own
-            acc = accept(draft.tokens, draft.q, out.logits, params, generator)
+            # 4. accept: the longest agreeing prefix (path of the tree) plus one token of the verifier's own
+            if tree:
+                walk = accept_tree(draft.tokens, draft.parents, out.logits, params, generator)
+                acc, path = Acceptance(len(walk.path), walk.bonus), walk.path  # path: accepted rows of the pass
+            else:
+                acc = accept(draft.tokens, draft.q, out.logits, params, generator)
+                path = list(range(1, acc.accepted + 1))
             _sync(verifier.device)
             t2 = time.perf_counter()
 
             # 5. commit: accepted draft tokens + bonus, cut at EOS and the token budget
-            new = draft.tokens[: acc.accepted].tolist() + [acc.bonus]
+            new = [int(draft.tokens[r - 1]) for r in path] + [acc.bonus]
             finish = None
             if cfg.stop_on_eos:
                 for i, t in enumerate(new):
@@ -180,21 +195,24 @@ def speculative_decode(
                 finish = "length"
 
             # 6. roll back: keep pages for the committed tokens but the last; drop rejected positions
+            moved = [(n - 1 + r, n - 1 + d) for d, r in enumerate(path, start=1) if r != d]  # a tree's side path
+            if moved:
+                pool.move(verifier.name, seq, [s for s, _ in moved], [d for _, d in moved])
             kept = len(ctx.tokens) - 1
             if seq.length > kept:
                 removed = verifier.rollback(seq, kept)
                 assert removed == seq_len_before(n, draft) - kept, "rollback removed the wrong number of tokens"
             if drafter is not None and out.hidden is not None:
-                drafter.observe(ctx, out.hidden[: acc.accepted + 1], n - 1)
+                drafter.observe(ctx, out.hidden[[0] + path], n - 1)
 
             # 7. coordinate: the schedule hears what this round cost and how much it kept
             if copied:
                 schedule.observe_lookup(draft.size, match, acc.accepted, t2 - t1)
             else:
-                schedule.observe(draft.size, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf)
+                schedule.observe(depth, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf)
 
-            yield Round(new, draft.size, steps if draft.size and not copied else 0, acc.accepted, t1 - t0, t2 - t1,
-                        finish, lookup=bool(copied))
+            yield Round(new, depth, steps if draft.size and not copied else 0, acc.accepted, t1 - t0, t2 - t1,
+                        finish, lookup=bool(copied), tree_size=draft.size if tree else 0)
             if finish is not None:
                 return
     finally:

@@ -157,6 +157,20 @@ class PagePool:
         kv = self.kv[model]
         return ops_for(kv).gather_kv(kv, layer, self.block_table(seq), length)
 
+    def move(self, model: str, seq: Sequence, src: list[int], dst: list[int]) -> None:
+        """Copy keys/values of positions src to positions dst (every layer of `model`), in order: after a draft
+        tree's pass, the accepted nodes' entries move to the positions of the committed tokens."""
+        if not src:
+            return
+        P = self.page_size
+        table = seq.block_table
+        slot = lambda pos: table[pos // P] * P + pos % P
+        kv = self.kv[model]
+        flat = kv.view(kv.shape[0], 2, -1, *kv.shape[-2:])  # [L, 2, N*P, H, D]
+        s = torch.tensor([slot(p) for p in src], device=kv.device)
+        d = torch.tensor([slot(p) for p in dst], device=kv.device)
+        flat[:, :, d] = flat[:, :, s]
+
     def advance(self, model: str, seq: Sequence, length: int) -> None:
         """Record that `model` has written positions [0, length) of the sequence."""
         if length > len(seq.block_table) * self.page_size:

@@ -14,6 +14,8 @@ class Draft:
     tokens: torch.Tensor  # [B] int64; B may be shorter than asked (0: nothing to propose)
     q: torch.Tensor | None = None  # [B, V] proposal probabilities; None: deterministic (one-hot at tokens)
     conf: torch.Tensor | None = None  # [B] the drafter's probability of each drafted token; None: unknown
+    parents: torch.Tensor | None = None  # [B] a tree (hybrid.tree): each token's parent row (0: the last committed
+    # token); None: a chain. Tree tokens are deterministic proposals (q None) and conf is their path probability.
 
     @property
     def size(self) -> int:
@@ -23,6 +25,7 @@ class Draft:
         """The first n draft tokens (a draft trimmed before verification)."""
         if n >= self.size:
             return self
+        assert self.parents is None, "trees are not trimmed"
         cut = lambda t: None if t is None else t[:n]
         return Draft(self.tokens[:n], cut(self.q), cut(self.conf))
 
@@ -50,3 +53,7 @@ class Drafter(Protocol):
 
     def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
         """Draft up to block_size tokens following ctx.tokens in `steps` denoising steps."""
+
+    # Optional: drafters that give a distribution per block position may also offer
+    # propose_tree(ctx, block_size, budget, sampler) -> Draft with parents set: a tree of at most `budget`
+    # tokens and depth block_size (hybrid.tree). The loop uses it when LoopConfig.tree > 0.

@@ -33,9 +33,11 @@ from torch import nn
 from hybrid.acceptance import sample, warp
 from hybrid.drafters.base import Context, Draft
 from hybrid.errors import UserError
+from hybrid.tree import build_tree
 from hybrid.vocab import check_same_vocab, vocab_fingerprint
 
 MODEL_NAME = "drafter"
+TREE_WIDTH = 8  # candidates per block position a draft tree may choose from
 
 
 @dataclass
@@ -380,3 +382,22 @@ class DiffusionDrafter:
                     q[pick[:, None], vocab[None]] = probs[pick]  # zero outside the draft vocabulary
             masked[pick] = False
         return Draft(ids[1:].clone(), q, confidence.float().cpu())
+
+    @torch.inference_mode()
+    def propose_tree(self, ctx: Context, block_size: int, budget: int, sampler=None) -> Draft:
+        """A draft tree (hybrid.tree) of at most `budget` tokens and depth block_size from one pass over the block:
+        the most probable paths through each position's top candidates."""
+        c, seq = self.config, ctx.seq
+        n = len(ctx.tokens)
+        ctx_kv = [self.pool.gather(MODEL_NAME, i, seq, seq.lengths[MODEL_NAME]) for i in range(c.num_hidden_layers)]
+        device = self.model.fc.weight.device
+        ids = torch.full((block_size + 1,), c.mask_token_id, dtype=torch.long, device=device)  # [B+1]
+        ids[0] = ctx.tokens[-1]
+        positions = torch.arange(n - 1, n + block_size, device=device)  # [B+1]
+        h = self.model(self.embed(ids), positions, ctx_kv)  # [B+1, H]
+        probs = torch.softmax(self.draft_logits(h[1:]), -1)  # [B, V']
+        top_p, top_i = probs.topk(min(budget, TREE_WIDTH, probs.shape[-1]), dim=-1)  # [B, k] descending
+        if self.draft_vocab is not None:
+            top_i = self.draft_vocab.to(device)[top_i]
+        tree = build_tree(top_p.cpu(), top_i.cpu(), budget)
+        return Draft(tree.tokens, None, tree.score, tree.parents)

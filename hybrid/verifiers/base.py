@@ -29,8 +29,11 @@ class Verifier(Protocol):
     def prefill(self, seq: Sequence, tokens: torch.Tensor) -> torch.Tensor | None:
         """Write keys/values of context tokens [T]; returns captured hidden states [T, n*H] or None."""
 
-    def score(self, seq: Sequence, tokens: torch.Tensor) -> VerifyOutput:
-        """Score tokens [B+1] = [last committed token, d_1..d_B] in one forward pass."""
+    def score(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> VerifyOutput:
+        """Score tokens [B+1] = [last committed token, d_1..d_B] in one forward pass.
+
+        parents [B]: the draft is a tree (hybrid.tree): d_i's parent row; rows sit at their depth's position
+        and attend only to their ancestors. Keys/values land in the next B+1 slots, in row order."""
 
     def rollback(self, seq: Sequence, n: int) -> int:
         """Truncate the sequence to n tokens; returns the number removed."""

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hybrid.errors import UserError
 from hybrid.pages import PagePool, Sequence
+from hybrid.tree import depths, tree_mask
 from hybrid.verifiers.base import VerifyOutput
 
 MODEL_NAME = "verifier"
@@ -176,17 +177,29 @@ class HFVerifier:
 
     # -- forward --------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, seq: Sequence, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run tokens [T] at the sequence's next positions -> (last hidden [T, H], captured [T, n*H] or None)."""
+    def _forward(self, seq: Sequence, tokens: torch.Tensor,
+                 parents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run tokens [T] at the sequence's next T slots -> (last hidden [T, H], captured [T, n*H] or None).
+
+        parents [T-1] (a draft tree, see hybrid.tree): row i sits at position start + depth(i) and attends
+        to the context, its ancestors and itself; None: a chain at positions start .. start + T - 1.
+        """
         assert self.pool is not None and self.cache is not None, "attach() the verifier to a page pool first"
         start = seq.lengths[self.name]
         T = tokens.shape[0]
         self.pool.reserve(seq, start + T)
         self.cache.seq, self.cache.start = seq, start
-        positions = torch.arange(start, start + T, device=self.device).unsqueeze(0)  # [1, T]
+        mask = None
+        if parents is None:
+            positions = torch.arange(start, start + T, device=self.device).unsqueeze(0)  # [1, T]
+        else:
+            positions = (start + torch.cat([torch.zeros(1, dtype=torch.long), depths(parents)])).to(self.device)[None]
+            mask = torch.ones(1, 1, T, start + T, dtype=torch.bool, device=self.device)  # [1, 1, T, S+T] True: attend
+            mask[0, 0, :, start:] = tree_mask(parents).to(self.device)
         self._captured.clear()
         out = self.body(
-            input_ids=tokens.to(self.device).unsqueeze(0), position_ids=positions, past_key_values=self.cache, use_cache=True
+            input_ids=tokens.to(self.device).unsqueeze(0), position_ids=positions, past_key_values=self.cache,
+            use_cache=True, attention_mask=mask,
         )
         self.pool.advance(self.name, seq, start + T)
         hidden = out.last_hidden_state[0]  # [T, H]
@@ -201,8 +214,8 @@ class HFVerifier:
         _, captured = self._forward(seq, tokens)
         return captured
 
-    def score(self, seq: Sequence, tokens: torch.Tensor) -> VerifyOutput:
-        hidden, captured = self._forward(seq, tokens)
+    def score(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> VerifyOutput:
+        hidden, captured = self._forward(seq, tokens, parents)
         with torch.inference_mode():
             logits = self.head(hidden).float()  # [B+1, V]
         return VerifyOutput(logits=logits, hidden=captured)
