@@ -85,6 +85,7 @@ class BenchConfig:
     block_size: int | str = 8  # or "auto": the coordinator picks per round
     block_sizes: tuple | None = None  # e.g. (2, 4, 8, 16, "auto"): our drafters once per size, as "hybrid@8"
     lookup: int = 2  # our engine's prompt lookup before the drafter (GenerationConfig.lookup; 0: off)
+    tree: int | str = "auto"  # our drafter's draft trees of up to N tokens (GenerationConfig.tree; 0: chains)
     steps: int | str = "auto"  # "auto": 1 at a fixed block size, the coordinator's choice with block size auto
     temperature: float = 0.0
     top_p: float = 1.0
@@ -96,13 +97,14 @@ class BenchConfig:
     warmup_tokens: int = WARMUP_TOKENS
 
 
-VARIANT = re.compile(r"^(auto(-notrim)?|[1-9][0-9]*)(-nolookup)?$")
+VARIANT = re.compile(r"^(auto(-notrim)?|[1-9][0-9]*)(-tree[0-9]+)?(-nolookup)?$")
 
 
 def parse_block_sizes(text: str | None) -> tuple | None:
     """`2,4,8,auto` -> (2, 4, 8, "auto"); None or empty -> None. Variants: `auto-notrim`, the coordinator
     without trimming by confidence (each round's chosen block is verified whole); a `-nolookup` suffix
-    (`auto-nolookup`, `4-nolookup`), the drafter alone without prompt lookup."""
+    (`auto-nolookup`, `4-nolookup`), the drafter alone without prompt lookup; a `-treeN` suffix (`auto-tree16`,
+    `4-tree0`): draft trees of up to N tokens (0: chains) instead of --tree's value."""
     if not text:
         return None
     out = []
@@ -113,12 +115,13 @@ def parse_block_sizes(text: str | None) -> tuple | None:
     return tuple(dict.fromkeys(out))
 
 
-def variant_settings(b: int | str, lookup: int) -> dict:
-    """A --block-sizes entry -> GenerationConfig fields (block_size, trim, lookup)."""
+def variant_settings(b: int | str, lookup: int, tree: int | str = "auto") -> dict:
+    """A --block-sizes entry -> GenerationConfig fields (block_size, trim, lookup, tree)."""
     name = str(b)
     size = name.split("-")[0]
+    m = re.search(r"-tree([0-9]+)", name)
     return {"block_size": "auto" if size == "auto" else int(size), "trim": "-notrim" not in name,
-            "lookup": 0 if name.endswith("-nolookup") else lookup}
+            "lookup": 0 if name.endswith("-nolookup") else lookup, "tree": int(m.group(1)) if m else tree}
 
 
 def parse_methods(text: str | None, backend: str = "transformers") -> tuple[str, ...]:
@@ -194,6 +197,7 @@ class PromptRun:
     verify_s: float | None
     lookup_rounds: int = 0  # rounds drafted by prompt lookup (our engine)
     steps: list[int] | None = None  # denoising steps of each drafter round (our engine; 0: no draft)
+    tree_sizes: list[int] | None = None  # tokens verified by each draft-tree round (our engine with --tree)
 
 
 @dataclass
@@ -217,6 +221,7 @@ class MethodStats:
     identical_to_plain: bool | None  # temperature 0 only
     lookup_share: float | None = None  # share of rounds drafted by prompt lookup (our engine)
     steps: dict[int, int] | None = None  # histogram: denoising steps -> drafter rounds (our engine)
+    tree_sizes: dict[int, int] | None = None  # histogram: tokens a draft tree verified -> rounds (--tree)
 
 
 @dataclass
@@ -305,6 +310,8 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
                       if known_rounds and rounds else None),
         steps=(dict(sorted(Counter(t for r in runs for t in r.steps).items()))
                if all(r.steps is not None for r in runs) else None),
+        tree_sizes=(dict(sorted(Counter(t for r in runs for t in r.tree_sizes).items()))
+                    if any(r.tree_sizes for r in runs) else None),
     )
 
 
@@ -355,6 +362,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
     draft_s = verify_s = 0.0
     lookups = 0
     steps: list[int] = []
+    trees: list[int] = []
     ttft = None
     _sync(device)
     t0 = t_prev = time.perf_counter()
@@ -370,6 +378,8 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
             lookups += r.lookup
             if not r.lookup:
                 steps.append(r.steps)
+            if r.tree_size:
+                trees.append(r.tree_size)
         if ev.tokens:
             if ttft is None:
                 ttft = t - t0
@@ -380,7 +390,7 @@ def run_engine(engine, prompt_ids: list[int], cfg, method: str, category: str, i
     _sync(device)
     wall = time.perf_counter() - t0
     return PromptRun(method, category, index, ids, wall, ttft if ttft is not None else wall, tpot, rounds,
-                     committed, draft_s, verify_s, lookups, steps)
+                     committed, draft_s, verify_s, lookups, steps, trees)
 
 
 # -- timing transformers' generate -----------------------------------------------------------
@@ -503,13 +513,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     from tqdm import tqdm
 
     from hybrid.drafters import load_drafter, shipped_drafter
-    from hybrid.engine import Engine, GenerationConfig
+    from hybrid.engine import Engine, GenerationConfig, tree_budget
     from hybrid.pages import PagePool
     from hybrid.verifiers.hf import HFVerifier
 
     methods = list(cfg.methods)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size, steps=cfg.steps,
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, seed=cfg.seed, lookup=cfg.lookup)
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, seed=cfg.seed, lookup=cfg.lookup,
+                           tree=cfg.tree)
     Engine.check_basic(gen)  # bad figures fail before any model loads
     if cfg.warmup_tokens < 1:
         raise UserError(f"warm-up tokens must be >= 1, got {cfg.warmup_tokens}")
@@ -531,6 +542,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     page_size = 16
     max_block = max([b for b in (cfg.block_sizes or ()) + (cfg.block_size,) if isinstance(b, int)] + [0])
     max_block = max(max_block, 64 if any(isinstance(b, str) for b in (cfg.block_sizes or ()) + (cfg.block_size,)) else 0)
+    trees = [tree_budget(GenerationConfig(**variant_settings(b, 0, cfg.tree)))
+             for b in (cfg.block_sizes or (cfg.block_size,))]
+    max_block = max([max_block] + trees)  # a tree's tokens all take slots in the verify pass
     num_pages = -(-(longest + max(cfg.max_new_tokens, cfg.warmup_tokens) + max_block + 1) // page_size) + 1
     lookup_tokens = cfg.block_size if isinstance(cfg.block_size, int) else HF_LOOKUP_TOKENS
     eos = sorted(verifier.eos_token_ids)
@@ -569,7 +583,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     for label, method, block_size in variants:
         if method in ENGINE_METHODS:
             engine = Engine(verifier, drafters[method], page_size=page_size, pool=pool)
-            g = GenerationConfig(**{**asdict(gen), **variant_settings(block_size, gen.lookup)})
+            g = GenerationConfig(**{**asdict(gen), **variant_settings(block_size, gen.lookup, gen.tree)})
             engine.check(g)
 
             def one(i, ids, n, seed, engine=engine, label=label, g=g):
@@ -675,7 +689,8 @@ def histogram_lines(result: BenchResult) -> list[str]:
         s = cats[ALL]
         if s.block_sizes and s.steps and m != "plain":
             hist = lambda h: " ".join(f"{k}:{v}" for k, v in h.items())  # noqa: E731
-            out.append(f"{m} rounds by block size {hist(s.block_sizes)}; by denoising steps {hist(s.steps)}")
+            trees = f"; draft trees by tokens verified {hist(s.tree_sizes)}" if s.tree_sizes else ""
+            out.append(f"{m} rounds by block size {hist(s.block_sizes)}; by denoising steps {hist(s.steps)}{trees}")
     return out + [""] if out else []
 
 

@@ -59,6 +59,10 @@ def cli():
               help="With --block-size auto: verify only as much of each draft as the drafter's confidence pays for.")
 @click.option("--lookup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Prompt lookup first: when the last N+ tokens occurred earlier, draft what followed them (0: off).")
+@click.option("--tree", type=AUTO_INT, default="auto", show_default=True,
+              help="Verify draft trees of up to N tokens (the drafter's most probable paths through each position's "
+                   "top candidates), 0: chains; auto: 8 with --block-size auto (trimmed per round to what pays), "
+                   "chains with a fixed block size.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -71,13 +75,13 @@ def cli():
 @click.option("--num-pages", type=int, default=None, help="KV page budget (default: one full context window).")
 @click.option("--page-size", type=int, default=16, show_default=True)
 @_dtype_option
-def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, max_new_tokens, temperature, top_p, top_k, seed, stop,
+def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, max_new_tokens, temperature, top_p, top_k, seed, stop,
              chat, as_json, device, num_pages, page_size, dtype):
     """Generate a continuation of PROMPT, streaming text as the verifier commits it."""
     from hybrid.engine import Engine, GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop), trim=trim,
-                           lookup=lookup)
+                           lookup=lookup, tree=tree)
     cfg.sampling()  # validate what needs no model before loading models
     Engine.check_basic(cfg)
     if not prompt.strip():
@@ -180,6 +184,10 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--lookup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Our engine's prompt lookup before the drafter: the last N+ tokens recurring -> copy what followed (0: off).")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True, help="Denoising steps per draft, or auto.")
+@click.option("--tree", type=AUTO_INT, default="auto", show_default=True,
+              help="Verify draft trees of up to N tokens (the drafter's most probable paths through each position's "
+                   "top candidates), 0: chains; auto: 8 with --block-size auto (trimmed per round to what pays), "
+                   "chains with a fixed block size.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy (outputs are then checked against plain).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed of the first prompt (prompt i uses seed + i).")
@@ -191,7 +199,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
-def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, temperature, top_p, seed,
+def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
           device, limit, order, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
@@ -199,7 +207,7 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
     cfg = b.BenchConfig(
         verifier=verifier, drafter=drafter, assistant=assistant, methods=b.parse_methods(methods, backend), prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
-        block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
+        block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, tree=tree, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
         order=order,
     )
     if plot_file:
@@ -227,6 +235,8 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--model-name", default="hybrid", show_default=True, help="The model id clients ask for.")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True)
+@click.option("--tree", type=AUTO_INT, default="auto", show_default=True,
+              help="Verify draft trees of up to N tokens per round (see hybrid generate --help; 0: chains).")
 @click.option("--max-concurrent", type=int, default=8, show_default=True, help="Sequences decoding at once.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 503.")
 @click.option("--max-prompt-tokens", type=int, default=4096, show_default=True)
@@ -235,16 +245,17 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
 @click.option("--page-size", type=int, default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @_dtype_option
-def serve(verifier, drafter, host, port, model_name, block_size, max_concurrent, max_queue, max_prompt_tokens,
+def serve(verifier, drafter, host, port, model_name, block_size, tree, max_concurrent, max_queue, max_prompt_tokens,
           max_tokens, num_pages, page_size, device, dtype):
     """Serve the OpenAI API (chat and completions, streaming) on the embedded engine."""
-    from hybrid.engine import Engine
+    from hybrid.engine import Engine, GenerationConfig
     from hybrid.server import ServerConfig, serve as run_server
 
+    Engine.check_basic(GenerationConfig(block_size=block_size, tree=tree))  # before any model loads
     _quiet_transformers()
     engine = Engine.load(verifier, drafter, _torch_dtype(dtype), device, num_pages=num_pages, page_size=page_size)
     run_server(engine, host, port, ServerConfig(model_name, max_concurrent, max_queue, max_prompt_tokens, max_tokens,
-                                                block_size))
+                                                block_size, tree))
 
 
 @cli.command("export-vllm")

@@ -58,6 +58,13 @@ per position, per match length n: longer matches copy more reliably), per sequen
 counts as prior, and a round verifies the first L copied tokens, L maximising E[tau^lookup | L] / v(L),
 when that beats the best drafter option's expected rate (else it drafts as usual). With probability
 `explore` the choice is random (the whole copy, or the drafter), so a losing source keeps being measured.
+
+Draft trees (`tree` > 0 in the loop). The drafter offers a best-first tree of depth B (the block size
+chosen as above) and `trim_tree` keeps its first N nodes (any prefix of a best-first list is a tree): node k
+is reached with r_k = r_parent * a(c_k), a(c) the calibration above applied to the node's own drafter
+probability, and N maximises 1 + sum_{k<=N} r_k - rate * v(N), v(N) the verify time of N tokens whatever
+their shape. Calibration learns from every node tried: the root's children and the children of accepted
+nodes (accepted iff on the path). Acceptance per position counts the accepted path's length as a chain's.
 """
 from __future__ import annotations
 
@@ -195,13 +202,29 @@ class Calibration:
 
     def observe(self, conf: list[float], accepted: int) -> None:
         """A verified draft with per-token confidences `conf`, of which the first `accepted` were accepted."""
+        self._decay()
+        for i, c in enumerate(conf[: accepted + 1]):
+            self._count(c, i < accepted)
+
+    def observe_tree(self, conf: list[float], parents: list[int], path: list[int]) -> None:
+        """A verified draft tree: conf, parents [N] per node (rows 1..N); path: the accepted rows. Every child of
+        the root and of an accepted node was tried against the verifier's token; the one on the path matched."""
+        self._decay()
+        reached = {0, *path}
+        on_path = set(path)
+        for row, (c, p) in enumerate(zip(conf, parents), start=1):
+            if p in reached:
+                self._count(c, row in on_path)
+
+    def _decay(self) -> None:
         for i in range(self.bins):
             self.reached[i] *= self.decay
             self.accepted[i] *= self.decay
-        for i, c in enumerate(conf[: accepted + 1]):
-            b = self.bin(c)
-            self.reached[b] += 1
-            self.accepted[b] += i < accepted
+
+    def _count(self, conf: float, accepted: bool) -> None:
+        b = self.bin(conf)
+        self.reached[b] += 1
+        self.accepted[b] += accepted
 
 
 @dataclass
@@ -326,6 +349,30 @@ class Coordinator:
         self._hit_cap = best == len(conf)
         return best
 
+    def trim_tree(self, conf: list[float], parents: list[int]) -> int:
+        """How many nodes of a best-first draft tree to verify (the first N; any prefix is a tree), given the
+        drafter's probability of each node's token at its position and each node's parent row: the N in
+        [1, size] that maximises E[tau | N] - rate * v(N), where a node is accepted with the product of its
+        path's calibrated a(c), so E[tau | N] = 1 + the sum of that over the first N nodes, and v(N) is the
+        verify time of N tokens (rows cost the same whether they form a chain or a tree)."""
+        if self.calibration is None or not conf:
+            return len(conf)
+        rate = self.best_option()[2]
+        best, best_gain, tau = 1, float("-inf"), 1.0
+        reach = [1.0]  # per row: probability that the verifier's tokens follow the path to it
+        depth = [0]
+        for n, (c, p) in enumerate(zip(conf, parents), start=1):
+            reach.append(reach[p] * self.calibration.alpha(c))
+            depth.append(depth[p] + 1)
+            tau += reach[-1]
+            gain = tau - rate * self.costs.verify_seconds(n)
+            if gain > best_gain:
+                best, best_gain = n, gain
+        deepest = max(depth[1 : best + 1])
+        self._verified = (self._verified + [deepest])[-self.recent:]
+        self._hit_cap = deepest == max(depth)
+        return best
+
     def lookup_taus(self, match: int) -> list[float]:
         """E[tau | L] for L = 0..max_lookup tokens copied by prompt lookup after a match of `match` tokens."""
         priors = None if self.shared_lookup is None else self.shared_lookup.means(match)
@@ -363,13 +410,17 @@ class Coordinator:
             self.shared_lookup.observe(size, match, accepted)
 
     def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
-                drafted: int | None = None, conf: list[float] | None = None) -> None:
-        """Feedback after a round: block size verified, steps, accepted count, timings, and (trimmed
-        rounds) the tokens drafted and the verified tokens' confidences."""
-        self.costs.observe(block_size, steps, draft_s, verify_s, drafted)
+                drafted: int | None = None, conf: list[float] | None = None,
+                tree: tuple[list[int], list[int]] | None = None) -> None:
+        """Feedback after a round: block size verified (a tree's depth), steps, accepted count, timings, and
+        (trimmed rounds) the tokens drafted and the verified tokens' confidences; `tree`: (parents, accepted
+        path rows) of a draft tree, whose verify time counts against its number of tokens, not its depth."""
+        self.costs.observe(len(tree[0]) if tree else block_size, steps, draft_s, verify_s, drafted)
         if block_size <= 0:
             return
-        if self.calibration is not None and conf:
+        if self.calibration is not None and conf and tree:
+            self.calibration.observe_tree(conf, *tree)
+        elif self.calibration is not None and conf:
             self.calibration.observe(conf[:block_size], accepted)
         gain = self.step_gain(steps) if steps > 1 else None
         self._acc.observe(block_size, 1, accepted, shift=gain)  # the text's acceptance, on the one-step scale

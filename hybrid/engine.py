@@ -18,6 +18,14 @@ from hybrid.verifiers.hf import HFVerifier
 
 
 MAX_TREE = 64  # draft tree tokens per verify pass
+AUTO_TREE = 8  # the tree budget of block size auto: 9 rows cost about 2 on a bf16 CPU (bench/verify_rows.py)
+
+
+def tree_budget(cfg: "GenerationConfig") -> int:
+    """The draft tree tokens a round may verify under cfg (0: chains)."""
+    if cfg.tree == "auto":
+        return AUTO_TREE if cfg.block_size == "auto" else 0
+    return cfg.tree
 
 
 @dataclass
@@ -33,7 +41,9 @@ class GenerationConfig:
     stop_on_eos: bool = True
     trim: bool = True  # with block size auto: verify as much of each draft as the drafter's confidence pays for
     lookup: int = 2  # prompt lookup before the drafter: the last >= 2 tokens recurring -> copy what followed (0: off)
-    tree: int = 0  # verify draft trees of up to this many tokens (hybrid.tree; drafters with one pass per block), 0: chains
+    # verify draft trees of up to this many tokens (hybrid.tree; drafters with one pass per block), 0: chains;
+    # "auto": AUTO_TREE tokens with block size auto (the coordinator trims each tree), chains with a fixed size
+    tree: int | str = "auto"
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
@@ -48,7 +58,7 @@ class GenerationResult:
     acceptance_lengths: list[int]  # committed tokens per round (accepted + 1)
     mean_acceptance_length: float
     accepted_per_position: list[float]  # share of rounds whose draft position i was accepted
-    block_sizes: dict[int, int]  # histogram: the drafter's block size -> rounds (prompt-lookup rounds apart)
+    block_sizes: dict[int, int]  # histogram: the drafter's block size (a tree's depth) -> rounds (lookup rounds apart)
     steps: dict[int, int]  # histogram: denoising steps -> rounds
     tokens_per_s: float
     wall_s: float
@@ -58,6 +68,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     lookup_rounds: int = 0  # rounds drafted by prompt lookup instead of the drafter
+    tree_sizes: dict[int, int] = field(default_factory=dict)  # histogram: tokens a draft tree verified -> rounds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,8 +164,8 @@ class Engine:
                 raise UserError(f"{name} must be auto or an integer >= 1, got {value}")
         if not isinstance(cfg.lookup, int) or cfg.lookup < 0:
             raise UserError(f"lookup must be an integer >= 0 (0: off), got {cfg.lookup}")
-        if not isinstance(cfg.tree, int) or not 0 <= cfg.tree <= MAX_TREE:
-            raise UserError(f"tree must be an integer from 0 (off) to {MAX_TREE}, got {cfg.tree}")
+        if cfg.tree != "auto" and (not isinstance(cfg.tree, int) or not 0 <= cfg.tree <= MAX_TREE):
+            raise UserError(f"tree must be auto or an integer from 0 (chains) to {MAX_TREE}, got {cfg.tree}")
         cfg.sampling()
 
     def check(self, cfg: GenerationConfig) -> None:
@@ -190,7 +201,7 @@ class Engine:
         block = max_block if cfg.block_size == "auto" else cfg.block_size
         lookup = 0 if isinstance(self.drafter, NgramDrafter) else cfg.lookup  # the n-gram drafter is a lookup already
         loop_cfg = LoopConfig(cfg.max_new_tokens, block, 1 if cfg.steps == "auto" else cfg.steps, cfg.stop_on_eos,
-                              lookup, min(block, LoopConfig.lookup_block), cfg.tree)  # lookup drafts: no longer than asked
+                              lookup, min(block, LoopConfig.lookup_block), tree_budget(cfg))  # lookup drafts: no longer than asked
         rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(), schedule)
         try:
             for r in rounds:
@@ -251,4 +262,5 @@ def summarize(text, ids, rounds: list[Round], wall, ttft, finish, prompt_tokens)
         finish_reason=finish,
         prompt_tokens=prompt_tokens,
         lookup_rounds=sum(r.lookup for r in rounds),
+        tree_sizes=dict(sorted(Counter(r.tree_size for r in rounds if r.tree_size).items())),
     )

@@ -53,10 +53,13 @@ class Schedule(Protocol):
 
     def trim(self, conf: list[float]) -> int: ...
 
+    def trim_tree(self, conf: list[float], parents: list[int]) -> int: ...
+
     def lookup(self, size: int, match: int) -> int: ...
 
     def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
-                drafted: int | None = None, conf: list[float] | None = None) -> None: ...
+                drafted: int | None = None, conf: list[float] | None = None,
+                tree: tuple[list[int], list[int]] | None = None) -> None: ...
 
     def observe_lookup(self, size: int, match: int, accepted: int, verify_s: float) -> None: ...
 
@@ -70,6 +73,9 @@ class FixedSchedule:
         return self.block_size, self.steps
 
     def trim(self, conf: list[float]) -> int:
+        return len(conf)
+
+    def trim_tree(self, conf: list[float], parents: list[int]) -> int:
         return len(conf)
 
     def lookup(self, size: int, match: int) -> int:
@@ -160,12 +166,13 @@ def speculative_decode(
             _sync(verifier.device)
             t1 = time.perf_counter()
             tree = draft.parents is not None
-            depth = int(depths(draft.parents).max()) if tree and draft.size else draft.size  # draft positions covered
-            drafted = depth
-            conf = None if draft.conf is None or tree else draft.conf.tolist()  # [B] the drafter's confidence per token
+            drafted = int(depths(draft.parents).max()) if tree and draft.size else draft.size  # draft positions
+            conf = None if draft.conf is None else draft.conf.tolist()  # [B] the drafter's confidence per token
             if conf is not None and draft.size > 1:  # verify only as much as the schedule expects to pay
-                draft = draft.prefix(max(1, schedule.trim(conf)))
-                depth = draft.size
+                keep = schedule.trim_tree(conf, draft.parents.tolist()) if tree else schedule.trim(conf)
+                draft = draft.prefix(max(1, keep))
+                conf = conf[: draft.size]
+            depth = int(depths(draft.parents).max()) if tree and draft.size else draft.size
 
             # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
             inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]
@@ -209,7 +216,8 @@ def speculative_decode(
             if copied:
                 schedule.observe_lookup(draft.size, match, acc.accepted, t2 - t1)
             else:
-                schedule.observe(depth, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf)
+                schedule.observe(depth, steps, acc.accepted, t1 - t0, t2 - t1, drafted, conf,
+                                 (draft.parents.tolist(), path) if tree else None)
 
             yield Round(new, depth, steps if draft.size and not copied else 0, acc.accepted, t1 - t0, t2 - t1,
                         finish, lookup=bool(copied), tree_size=draft.size if tree else 0)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybrid.engine import Engine, GenerationConfig
+from hybrid.engine import Engine, GenerationConfig, tree_budget
 from hybrid.errors import PagesExhausted, UserError
 
 
@@ -36,6 +36,7 @@ class ServerConfig:
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024  # cap on a request's max_tokens
     block_size: int | str = "auto"
+    tree: int | str = "auto"  # draft trees of up to this many tokens per round (GenerationConfig.tree; 0: chains)
 
 
 class APIError(Exception):
@@ -146,7 +147,8 @@ class EngineWorker:
                 self.waiting.popleft()
                 continue
             pool = self.engine.pool
-            need = pool.pages_for(len(job.prompt_ids) + job.cfg.max_new_tokens + (self.engine.drafter.max_block_size if self.engine.drafter else 0))
+            draft = max(self.engine.drafter.max_block_size, tree_budget(job.cfg)) if self.engine.drafter else 0
+            need = pool.pages_for(len(job.prompt_ids) + job.cfg.max_new_tokens + draft)
             if need > pool.num_pages:
                 self.waiting.popleft()
                 job.emit(APIError(400, f"request needs {need} KV pages, the server has {pool.num_pages}: "
@@ -271,7 +273,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         block = req.block_size if req.block_size is not None else config.block_size
         cfg = GenerationConfig(max_new_tokens=max_tokens, block_size=block, temperature=req.temperature,
-                               top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop)
+                               top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop, tree=config.tree)
         try:
             engine.check(cfg)
         except UserError as e:

@@ -32,6 +32,7 @@ class Tree:
     parents: torch.Tensor  # [N] int64 parent row of each node (0: the root, i.e. the last committed token)
     depth: torch.Tensor  # [N] int64 1-based draft position of each node
     score: torch.Tensor  # [N] float32 the drafter's probability of the node's whole path
+    prob: torch.Tensor  # [N] float32 the drafter's probability of the node's token at its position
 
     @property
     def size(self) -> int:
@@ -47,7 +48,7 @@ def build_tree(probs: torch.Tensor, ids: torch.Tensor, budget: int) -> Tree:
     B, k = probs.shape
     p = probs.float().tolist()
     tok = ids.tolist()
-    tokens, parents, depth, score = [], [], [], []
+    tokens, parents, depth, score, prob = [], [], [], [], []
     heap = [(-p[0][r], 0, r, 0) for r in range(k)] if B else []  # (-score, depth-1, rank, parent row)
     heapq.heapify(heap)
     while heap and len(tokens) < budget:
@@ -56,12 +57,14 @@ def build_tree(probs: torch.Tensor, ids: torch.Tensor, budget: int) -> Tree:
         parents.append(parent)
         depth.append(d + 1)
         score.append(-neg)
+        prob.append(p[d][r])
         row = len(tokens)  # this node's row
         if d + 1 < B:
             for r2 in range(k):
                 heapq.heappush(heap, (neg * p[d + 1][r2], d + 1, r2, row))
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
-    return Tree(as_long(tokens), as_long(parents), as_long(depth), torch.tensor(score, dtype=torch.float32))
+    as_float = lambda xs: torch.tensor(xs, dtype=torch.float32)
+    return Tree(as_long(tokens), as_long(parents), as_long(depth), as_float(score), as_float(prob))
 
 
 def chain_parents(n: int) -> torch.Tensor:

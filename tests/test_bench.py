@@ -181,17 +181,24 @@ def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
     for bad in ("2,zero", "4-notrim", "auto-lookup", "0"):
         with pytest.raises(UserError):
             parse_block_sizes(bad)
-    assert variant_settings("4-nolookup", 2) == {"block_size": 4, "trim": True, "lookup": 0}
-    assert variant_settings("auto-notrim", 2) == {"block_size": "auto", "trim": False, "lookup": 2}
+    assert parse_block_sizes("auto-tree16,4-tree0-nolookup") == ("auto-tree16", "4-tree0-nolookup")
+    assert variant_settings("4-nolookup", 2) == {"block_size": 4, "trim": True, "lookup": 0, "tree": "auto"}
+    assert variant_settings("auto-notrim", 2, 8) == {"block_size": "auto", "trim": False, "lookup": 2, "tree": 8}
+    assert variant_settings("auto-tree16", 2) == {"block_size": "auto", "trim": True, "lookup": 2, "tree": 16}
+    assert variant_settings("4-tree0-nolookup", 2, 8) == {"block_size": 4, "trim": True, "lookup": 0, "tree": 0}
     verifier, assistant, drafter, prompts = models
     code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--drafter", str(drafter), "--prompts",
                              str(prompts), "--max-new-tokens", "10", "--methods", "plain,hybrid",
-                             "--block-sizes", "1,4,auto,auto-notrim,auto-nolookup", "--json")
+                             "--block-sizes", "1,4,auto,auto-notrim,auto-nolookup,auto-tree0,4-tree8", "--json")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert list(result["methods"]) == ["plain", "hybrid@1", "hybrid@4", "hybrid@auto", "hybrid@auto-notrim",
-                                       "hybrid@auto-nolookup"]
+                                       "hybrid@auto-nolookup", "hybrid@auto-tree0", "hybrid@4-tree8"]
     assert result["methods"]["hybrid@auto-nolookup"][ALL]["lookup_share"] == 0
+    assert result["methods"]["hybrid@4"][ALL]["tree_sizes"] is None  # tree auto: chains at a fixed size
+    assert result["methods"]["hybrid@auto-tree0"][ALL]["tree_sizes"] is None  # chains asked for
+    assert set(result["methods"]["hybrid@4-tree8"][ALL]["tree_sizes"]) == {"8"}  # a fixed size verifies whole trees
+    assert "hybrid@4-tree8 rounds by block size " in out and "; draft trees by tokens verified 8:" in out
     assert all(result["identical_to_plain"].values())
     assert set(result["methods"]["hybrid@4"][ALL]["block_sizes"]) <= {"4", "3", "2", "1", "0"}
     assert set(result["methods"]["hybrid@1"][ALL]["block_sizes"]) <= {"1", "0"}  # 0: the last token of a prompt

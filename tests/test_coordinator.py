@@ -347,3 +347,40 @@ def test_prompt_lookup_gives_way_to_a_better_drafter():
     coord = Coordinator(MAX_B, seed=6)
     used = simulate_with_lookup(coord, 0.95, {2: 0.6, 4: 0.6}, 600, random.Random(7))
     assert sum(s > 0 for _, s in used[200:]) / 400 < 0.15
+
+
+def test_calibration_of_a_tree_counts_every_tried_node():
+    """The root's children and the children of accepted nodes were each tried against the verifier's token;
+    nodes under a rejected node were not."""
+    from hybrid.coordinator import Calibration
+
+    cal = Calibration(decay=1.0)
+    conf, parents, path = [0.95, 0.15, 0.95, 0.55, 0.15], [0, 0, 1, 1, 2], [1, 3]
+    cal.observe_tree(conf, parents, path)
+    assert cal.reached[9] == 2 and cal.accepted[9] == 2  # rows 1 and 3, both on the path
+    assert cal.reached[1] == 1 and cal.accepted[1] == 0  # row 2 tried and rejected; row 5 (under row 2) not tried
+    assert cal.reached[5] == 1 and cal.accepted[5] == 0  # row 4: a sibling of the accepted row 3
+    assert sum(cal.reached) == 4
+
+
+def test_trim_tree_keeps_the_nodes_whose_path_pays_for_its_row():
+    """A node pays when the calibrated probability of reaching it beats rate * (v(N+1) - v(N)): the likely
+    paths are kept whole, the unlikely runners-up cut; rows that cost much keep only the first node."""
+    from hybrid.coordinator import Calibration
+
+    coord = Coordinator(MAX_B, costs=CostModel(), calibration=Calibration(), seed=0)
+    for _ in range(30):
+        coord.costs.observe(4, 1, draft_cost(4, 1), verify_cost(4), drafted=8)
+        coord.costs.observe(1, 1, draft_cost(1, 1), verify_cost(1))
+    # best first: 0.6 under the root, 0.9 and 0.9 down its path, runners-up 0.3 and 0.05, then 0.02 under the 0.3
+    conf, parents = [0.6, 0.9, 0.9, 0.3, 0.05, 0.02], [0, 1, 2, 0, 0, 4]
+    # calibrated reach (prior = bin centre): .65, .62, .59, .35, .05, .0175; a row costs rate * 0.006 tokens
+    threshold = coord.best_option()[2] * 0.006
+    assert 0.05 < threshold < 0.35
+    assert coord.trim_tree(conf, parents) == 4
+    assert coord._verified[-1] == 3 and coord._hit_cap  # deepest kept node at depth 3, the whole depth drafted
+    for _ in range(60):  # rows now cost 0.5 s each
+        coord.costs.observe(4, 1, draft_cost(4, 1), 0.08 + 0.5 * 4, drafted=8)
+        coord.costs.observe(1, 1, draft_cost(1, 1), 0.08 + 0.5 * 1)
+    assert coord.trim_tree(conf, parents) == 1
+    assert Coordinator(MAX_B).trim_tree(conf, parents) == 6  # no calibration: the whole tree

@@ -138,3 +138,19 @@ def test_health_models_and_metrics(server):
     for name in ("hybrid_requests_total", "hybrid_generated_tokens_total", "hybrid_acceptance_length_bucket",
                  "hybrid_block_size_bucket", "hybrid_time_to_first_token_seconds_bucket"):
         assert name in m
+
+
+def test_server_with_draft_trees_answers_what_plain_decoding_would():
+    from fastapi.testclient import TestClient
+
+    from hybrid.drafters.diffusion import DiffusionDrafter
+
+    v = make_verifier("qwen3")
+    v.eos_token_ids = set()
+    plain = Engine(v, None, num_pages=32, page_size=8).generate("abc", GenerationConfig(max_new_tokens=12)).text
+    drafter = DiffusionDrafter.for_verifier(v, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, intermediate_size=64)
+    engine = Engine(v, drafter, num_pages=32, page_size=8)
+    with TestClient(create_app(engine, ServerConfig(model_name="tiny", max_tokens=64, tree=8))) as h:
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain

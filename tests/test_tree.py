@@ -153,12 +153,18 @@ def test_diffusion_tree_holds_its_chain_and_runners_up():
     tree = d.propose_tree(ctx, 4, 10, (GREEDY, None))
     assert tree.size == 10 and int(depths(tree.parents).max()) <= 4
     assert tree.tokens[0] == chain.tokens[0]  # the most probable first token heads the tree
-    assert (tree.conf[:-1] >= tree.conf[1:]).all()  # best first
+    scores = build_tree(*torch.softmax(torch.randn(4, 50), -1).topk(8), budget=10).score
+    assert (scores[:-1] >= scores[1:]).all()  # best first
+    assert tree.conf.shape == (10,) and (tree.conf > 0).all() and (tree.conf <= 1).all()
     engine.pool.free(seq)
 
 
-def test_tree_option_is_checked():
+def test_tree_option_is_checked_and_auto_means_trees_only_with_block_size_auto():
+    from hybrid.engine import AUTO_TREE, tree_budget
     from hybrid.errors import UserError
 
-    with pytest.raises(UserError, match="tree must be"):
-        Engine.check_basic(GenerationConfig(tree=-1))
+    for bad in (-1, 65, "big"):
+        with pytest.raises(UserError, match="tree must be"):
+            Engine.check_basic(GenerationConfig(tree=bad))
+    assert tree_budget(GenerationConfig()) == AUTO_TREE and tree_budget(GenerationConfig(block_size=4)) == 0
+    assert tree_budget(GenerationConfig(block_size=4, tree=6)) == 6 and tree_budget(GenerationConfig(tree=0)) == 0

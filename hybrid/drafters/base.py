@@ -15,19 +15,18 @@ class Draft:
     q: torch.Tensor | None = None  # [B, V] proposal probabilities; None: deterministic (one-hot at tokens)
     conf: torch.Tensor | None = None  # [B] the drafter's probability of each drafted token; None: unknown
     parents: torch.Tensor | None = None  # [B] a tree (hybrid.tree): each token's parent row (0: the last committed
-    # token); None: a chain. Tree tokens are deterministic proposals (q None) and conf is their path probability.
+    # token); None: a chain. Tree tokens are deterministic proposals (q None); conf is each node's own probability.
 
     @property
     def size(self) -> int:
         return int(self.tokens.numel())
 
     def prefix(self, n: int) -> "Draft":
-        """The first n draft tokens (a draft trimmed before verification)."""
+        """The first n draft tokens (a draft trimmed before verification; a tree's first n nodes, best first)."""
         if n >= self.size:
             return self
-        assert self.parents is None, "trees are not trimmed"
         cut = lambda t: None if t is None else t[:n]
-        return Draft(self.tokens[:n], cut(self.q), cut(self.conf))
+        return Draft(self.tokens[:n], cut(self.q), cut(self.conf), cut(self.parents))  # a tree's prefix is a tree
 
 
 @dataclass

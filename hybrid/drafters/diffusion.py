@@ -400,4 +400,4 @@ class DiffusionDrafter:
         if self.draft_vocab is not None:
             top_i = self.draft_vocab.to(device)[top_i]
         tree = build_tree(top_p.cpu(), top_i.cpu(), budget)
-        return Draft(tree.tokens, None, tree.score, tree.parents)
+        return Draft(tree.tokens, None, tree.prob, tree.parents)
