@@ -53,12 +53,18 @@ def other_vocab_dir(tmp_path_factory):
         (["hi", "--top-p", "0"], "top_p"),
         (["hi", "--max-new-tokens", "0"], "max_new_tokens"),
         (["x" * 600], "does not fit the verifier's context window"),
+        (["hi", "--tree", "65"], "tree must be auto or an integer from 0"),
     ],
 )
 def test_bad_input_is_one_line_error(model_dir, capsys, args, message):
     code, out, err = run(capsys, "generate", *args[:1], "--verifier", str(model_dir), *args[1:])
     assert code != 0 and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_serve_refuses_a_bad_tree_before_loading_models(capsys, tmp_path):
+    code, out, err = run(capsys, "serve", "--verifier", str(tmp_path / "missing"), "--tree", "-2")
+    assert code == 2 and "tree must be auto or an integer from 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_model_path(capsys, tmp_path):

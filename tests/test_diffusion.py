@@ -114,12 +114,17 @@ def test_auto_with_trimming_is_lossless_and_verifies_less_than_it_drafts():
     prompt = [5, 9, 14, 20, 33]
     trims = []  # (drafted, verified) per round
     for seed in range(3):
-        sched = engine.schedule(GenerationConfig(seed=seed))
-        real = sched.trim
-        sched.trim = lambda conf, real=real: trims.append((len(conf), real(conf))) or trims[-1][1]
-        r = engine.generate(prompt, GenerationConfig(max_new_tokens=24, stop_on_eos=False, seed=seed), schedule=sched)
-        assert r.token_ids == greedy_reference(v, prompt, 24)
-    assert all(1 <= l <= n for n, l in trims) and any(l < n for n, l in trims)  # an untrained drafter: trimmed
+        for tree in (0, "auto"):  # chains (trim) and draft trees (trim_tree, the default with block size auto)
+            sched = engine.schedule(GenerationConfig(seed=seed))
+            name = "trim_tree" if tree else "trim"
+            real = getattr(sched, name)
+            setattr(sched, name, lambda *a, real=real, tree=tree: trims.append((tree, len(a[0]), real(*a))) or trims[-1][2])
+            r = engine.generate(prompt, GenerationConfig(max_new_tokens=24, stop_on_eos=False, seed=seed, tree=tree),
+                                schedule=sched)
+            assert r.token_ids == greedy_reference(v, prompt, 24)
+    for tree in (0, "auto"):  # an untrained drafter: trimmed, never to nothing or past what was drafted
+        mine = [(n, l) for t, n, l in trims if t == tree]
+        assert mine and all(1 <= l <= n for n, l in mine) and any(l < n for n, l in mine), tree
     assert sum(engine.calibration.reached) > 0  # the engine-wide calibration heard the verified tokens
     r = engine.generate(prompt, GenerationConfig(max_new_tokens=12, temperature=0.8, seed=1))
     assert r.new_tokens >= 1
