@@ -162,14 +162,9 @@ class PagePool:
         tree's pass, the accepted nodes' entries move to the positions of the committed tokens."""
         if not src:
             return
-        P = self.page_size
-        table = seq.block_table
-        slot = lambda pos: table[pos // P] * P + pos % P
-        kv = self.kv[model]
-        flat = kv.view(kv.shape[0], 2, -1, *kv.shape[-2:])  # [L, 2, N*P, H, D]
-        s = torch.tensor([slot(p) for p in src], device=kv.device)
-        d = torch.tensor([slot(p) for p in dst], device=kv.device)
-        flat[:, :, d] = flat[:, :, s]
+        table = self.block_table(seq)
+        slots = lambda pos: ref.slots_at(table, torch.tensor(pos, device=table.device), self.page_size)  # noqa: E731
+        ref.copy_slots(self.kv[model], slots(src), slots(dst))
 
     def advance(self, model: str, seq: Sequence, length: int) -> None:
         """Record that `model` has written positions [0, length) of the sequence."""

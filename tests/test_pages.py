@@ -33,6 +33,22 @@ def test_slots_follow_the_block_table():
     assert ref.slots_for(table, 2, 7, 3).tolist() == [5 * 3 + 2, 2 * 3, 2 * 3 + 1, 2 * 3 + 2, 7 * 3]
 
 
+def test_move_copies_positions_of_every_layer_across_pages_and_leaves_other_models_alone():
+    pool = make_pool()
+    seq = pool.new_sequence()
+    pool.reserve(seq, 10)
+    k, v = torch.randn(2, 10, 2, 3), torch.randn(2, 10, 2, 3)  # [layer, position, H, D]
+    for layer in range(2):
+        pool.write("a", layer, seq, 0, k[layer], v[layer])
+    b = pool.kv["b"].clone()
+    pool.move("a", seq, [5, 9], [4, 5])  # an overlapping move: 5 -> 4 reads 5 before 9 -> 5 writes it
+    order = [0, 1, 2, 3, 5, 9, 6, 7, 8, 9]
+    for layer in range(2):
+        gk, gv = pool.gather("a", layer, seq, 10)
+        assert torch.equal(gk, k[layer, order]) and torch.equal(gv, v[layer, order])
+    assert torch.equal(pool.kv["b"], b)
+
+
 def test_rollback_returns_removed_count_and_frees_pages_for_both_models():
     pool = make_pool()
     seq = pool.new_sequence()

@@ -11,10 +11,14 @@ from __future__ import annotations
 import torch
 
 
+def slots_at(block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Slot ids of token positions [T] of a sequence with block_table [N] -> slots [T]."""
+    return block_table[positions // page_size] * page_size + positions % page_size
+
+
 def slots_for(block_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
     """Slot ids of token positions [start, end) of a sequence. block_table [N] -> slots [end - start]."""
-    pos = torch.arange(start, end, device=block_table.device)  # [T]
-    return block_table[pos // page_size] * page_size + pos % page_size
+    return slots_at(block_table, torch.arange(start, end, device=block_table.device), page_size)
 
 
 def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -45,6 +49,14 @@ def gather_kv(kv: torch.Tensor, layer: int, block_table: torch.Tensor, length: i
 def copy_pages(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy whole pages src[i] -> dst[i] for every layer (forking a sequence). kv [L, 2, N, P, H, D]; src, dst [M]."""
     kv[:, :, dst] = kv[:, :, src]
+
+
+def copy_slots(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy single token slots src[i] -> dst[i] for every layer (a draft tree's accepted path moving to the
+    committed positions). kv [L, 2, N, P, H, D]; src, dst [M]; sources are read before any is written."""
+    L, _, N, P, H, D = kv.shape
+    flat = kv.view(L, 2, N * P, H, D)
+    flat[:, :, dst] = flat[:, :, src]
 
 
 def rollback_block_table(block_table: list[int], n: int, page_size: int) -> tuple[list[int], list[int]]:
