@@ -166,13 +166,14 @@ def speculative_decode(
             _sync(verifier.device)
             t1 = time.perf_counter()
             tree = draft.parents is not None
-            drafted = int(depths(draft.parents).max()) if tree and draft.size else draft.size  # draft positions
+            node_depth = depths(draft.parents) if tree and draft.size else None  # [B] each tree node's draft position
+            drafted = int(node_depth.max()) if node_depth is not None else draft.size  # draft positions covered
             conf = None if draft.conf is None else draft.conf.tolist()  # [B] the drafter's confidence per token
             if conf is not None and draft.size > 1:  # verify only as much as the schedule expects to pay
                 keep = schedule.trim_tree(conf, draft.parents.tolist()) if tree else schedule.trim(conf)
                 draft = draft.prefix(max(1, keep))
                 conf = conf[: draft.size]
-            depth = int(depths(draft.parents).max()) if tree and draft.size else draft.size
+            depth = int(node_depth[: draft.size].max()) if node_depth is not None else draft.size  # verified part
 
             # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
             inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]

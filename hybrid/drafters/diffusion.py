@@ -346,9 +346,8 @@ class DiffusionDrafter:
             self.pool.write(MODEL_NAME, i, ctx.seq, start, k, v)
         self.pool.advance(MODEL_NAME, ctx.seq, start + m)
 
-    @torch.inference_mode()
-    def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
-        params, generator = sampler
+    def _block(self, ctx: Context, block_size: int):
+        """The masked block after the last committed token -> (ids [B+1], positions [B+1], context K/V per layer)."""
         c, seq = self.config, ctx.seq
         n = len(ctx.tokens)
         n_ctx = seq.lengths[MODEL_NAME]  # context positions with K/V: [0, n_ctx), n_ctx == n - 1
@@ -357,6 +356,14 @@ class DiffusionDrafter:
         ids = torch.full((block_size + 1,), c.mask_token_id, dtype=torch.long, device=device)  # [B+1]
         ids[0] = ctx.tokens[-1]
         positions = torch.arange(n - 1, n + block_size, device=device)  # [B+1]
+        return ids, positions, ctx_kv
+
+    @torch.inference_mode()
+    def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
+        params, generator = sampler
+        c = self.config
+        ids, positions, ctx_kv = self._block(ctx, block_size)
+        device = ids.device
         masked = torch.ones(block_size, dtype=torch.bool, device=device)  # [B]
         q = None if params.greedy or c.draft_sampling == "argmax" else torch.zeros(block_size, self.head.weight.shape[0], device=device)
         vocab = None if self.draft_vocab is None else self.draft_vocab.to(device)  # [V']
@@ -387,17 +394,11 @@ class DiffusionDrafter:
     def propose_tree(self, ctx: Context, block_size: int, budget: int, sampler=None) -> Draft:
         """A draft tree (hybrid.tree) of at most `budget` tokens and depth block_size from one pass over the block:
         the most probable paths through each position's top candidates."""
-        c, seq = self.config, ctx.seq
-        n = len(ctx.tokens)
-        ctx_kv = [self.pool.gather(MODEL_NAME, i, seq, seq.lengths[MODEL_NAME]) for i in range(c.num_hidden_layers)]
-        device = self.model.fc.weight.device
-        ids = torch.full((block_size + 1,), c.mask_token_id, dtype=torch.long, device=device)  # [B+1]
-        ids[0] = ctx.tokens[-1]
-        positions = torch.arange(n - 1, n + block_size, device=device)  # [B+1]
+        ids, positions, ctx_kv = self._block(ctx, block_size)
         h = self.model(self.embed(ids), positions, ctx_kv)  # [B+1, H]
         probs = torch.softmax(self.draft_logits(h[1:]), -1)  # [B, V']
         top_p, top_i = probs.topk(min(budget, TREE_WIDTH, probs.shape[-1]), dim=-1)  # [B, k] descending
         if self.draft_vocab is not None:
-            top_i = self.draft_vocab.to(device)[top_i]
+            top_i = self.draft_vocab.to(ids.device)[top_i]
         tree = build_tree(top_p.cpu(), top_i.cpu(), budget)
         return Draft(tree.tokens, None, tree.prob, tree.parents)
