@@ -41,6 +41,15 @@ class AutoInt(click.ParamType):
 AUTO_INT = AutoInt()
 
 
+def _tree_option(f):
+    return click.option(
+        "--tree", type=AUTO_INT, default="auto", show_default=True,
+        help="Verify draft trees of up to N tokens (the drafter's most probable paths through each position's top "
+             "candidates), 0: chains; auto: 8 with --block-size auto (trimmed per round to what pays), chains with "
+             "a fixed block size.",
+    )(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """hybrid: lossless speculative decoding with a block-diffusion drafter."""
@@ -59,10 +68,7 @@ def cli():
               help="With --block-size auto: verify only as much of each draft as the drafter's confidence pays for.")
 @click.option("--lookup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Prompt lookup first: when the last N+ tokens occurred earlier, draft what followed them (0: off).")
-@click.option("--tree", type=AUTO_INT, default="auto", show_default=True,
-              help="Verify draft trees of up to N tokens (the drafter's most probable paths through each position's "
-                   "top candidates), 0: chains; auto: 8 with --block-size auto (trimmed per round to what pays), "
-                   "chains with a fixed block size.")
+@_tree_option
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -184,10 +190,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--lookup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Our engine's prompt lookup before the drafter: the last N+ tokens recurring -> copy what followed (0: off).")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True, help="Denoising steps per draft, or auto.")
-@click.option("--tree", type=AUTO_INT, default="auto", show_default=True,
-              help="Verify draft trees of up to N tokens (the drafter's most probable paths through each position's "
-                   "top candidates), 0: chains; auto: 8 with --block-size auto (trimmed per round to what pays), "
-                   "chains with a fixed block size.")
+@_tree_option
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy (outputs are then checked against plain).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed of the first prompt (prompt i uses seed + i).")
@@ -235,8 +238,7 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--model-name", default="hybrid", show_default=True, help="The model id clients ask for.")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True)
-@click.option("--tree", type=AUTO_INT, default="auto", show_default=True,
-              help="Verify draft trees of up to N tokens per round (see hybrid generate --help; 0: chains).")
+@_tree_option
 @click.option("--max-concurrent", type=int, default=8, show_default=True, help="Sequences decoding at once.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 503.")
 @click.option("--max-prompt-tokens", type=int, default=4096, show_default=True)
