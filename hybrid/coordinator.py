@@ -8,6 +8,8 @@ tokens and costs c(B, T) = d(B, T) + v(B) seconds, with draft time d(B, T) = d0 
 decayed mean of that size's measured rounds with the line v0 + v1 * B as one more round, so a size seldom
 run leans on the line. (A verifier's cost is not linear in B: on a CPU one row takes a slower path than
 two, and 1 -> 4 rows costs more per row than 4 -> 8; the line alone misjudged both ends.)
+For B >= 1 the measured sizes' means are pooled where a smaller size measured dearer (one more row never
+costs less), so a few rounds on a busy moment do not decide how much of a draft to verify.
 The next (B, T) maximises E[tau | B, T] / c(B, T), the expected committed tokens per second.
 
 Estimation. alpha_i(T) is a Beta posterior over decayed counts: a round that accepted a of B draft
@@ -44,8 +46,12 @@ verify only its first L tokens, chosen per round: L maximises
     E[tau | L] - rate * v(L),   E[tau | L] = 1 + sum_{i=1..L} prod_{j<=i} a(c_j),
 (the draft's seconds are spent whatever L is) with a(c) the acceptance of a token drafted with probability c,
 given the ones before it were accepted: a Beta posterior per bin of c over decayed counts of all
-sequences (prior mean: the bin's centre, i.e. a calibrated drafter). Confident stretches are verified
-long, doubtful ones short, which no fixed block size can do.
+sequences (prior mean: the bin's centre, i.e. a calibrated drafter), scaled per sequence by
+    k = (A + s) / (E + s),   a_seq(c) = min(0.999, k * a(c)),
+with A the sequence's accepted tried tokens and E the sum of a(c) over them (decayed like its position
+counts; s = prior_strength): the engine's calibration mixes texts the drafter guesses well (code) and
+badly (translation), and a sequence on which the same confidence means less learns so in a few rounds.
+Confident stretches are verified long, doubtful ones short, which no fixed block size can do.
 Extending a draft from L to L + 1 tokens pays when P(all L + 1 accepted) > rate * (v(L + 1) - v(L)),
 which is what that argmax does, with `rate` the expected tokens per second of the best option. The
 drafted block is the size the position model would choose, or one more than the longest of the last
@@ -85,6 +91,7 @@ class CostModel:
     by_size: dict[int, list[float]] = field(default_factory=dict)
     prior_draft: tuple[float, float] = (0.002, 0.001)  # seconds: a, b per (T * (B + 1))
     prior_verify: tuple[float, float] = (0.05, 0.004)  # seconds: a, b per B
+    _monotone: dict[int, float] | None = field(default=None, repr=False)  # measured sizes' v(B), until the next round
 
     @staticmethod
     def _add(s: list[float], x: float, y: float, decay: float) -> None:
@@ -125,11 +132,34 @@ class CostModel:
         stats = self.by_size.setdefault(block_size, [0.0, 0.0])
         stats[0] += 1
         stats[1] += verify_s
+        self._monotone = None
+
+    def _raw_verify(self, block_size: int) -> tuple[float, float]:
+        """(this size's decayed mean of measured rounds with the line's value at B as one more round, its weight)"""
+        n, total = self.by_size.get(block_size, (0.0, 0.0))
+        return (total + self._fit(self.verify, self.prior_verify, block_size)) / (n + 1), n + 1
 
     def verify_seconds(self, block_size: int) -> float:
-        """v(B): this size's decayed mean of measured rounds, with the line's value at B as one more round."""
-        n, total = self.by_size.get(block_size, (0.0, 0.0))
-        return (total + self._fit(self.verify, self.prior_verify, block_size)) / (n + 1)
+        """v(B): for B = 0 (one row: a plain round) its own estimate; for B >= 1 the measured sizes' estimates
+        made non-decreasing in B (pooled where a smaller size measured dearer, weighted by rounds), and a size
+        never measured the line's value held between its measured neighbours': one more row never costs less,
+        and where rows are nearly free the noise of a few rounds would otherwise decide how much to verify."""
+        if block_size <= 0:
+            return self._raw_verify(0)[0]
+        if self._monotone is None:  # once per round
+            blocks: list[list] = []  # pooled runs of measured sizes: [mean, weight, sizes]
+            for b in sorted(k for k in self.by_size if k >= 1):
+                blocks.append([*self._raw_verify(b), [b]])
+                while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                    (m1, w1, s1), (m2, w2, s2) = blocks[-2], blocks.pop()
+                    blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, s1 + s2]
+            self._monotone = {b: m for m, _, sizes in blocks for b in sizes}
+        if block_size in self._monotone:
+            return self._monotone[block_size]
+        below = [m for b, m in self._monotone.items() if b < block_size]
+        above = [m for b, m in self._monotone.items() if b > block_size]
+        line = self._raw_verify(block_size)[0]
+        return min(max([line, *below]), *above) if above else max([line, *below])
 
     def seconds(self, block_size: int, steps: int) -> float:
         d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1)) if block_size else 0.0
@@ -200,31 +230,28 @@ class Calibration:
         prior = (b + 0.5) / self.bins
         return (self.accepted[b] + self.prior_strength * prior) / (self.reached[b] + self.prior_strength)
 
-    def observe(self, conf: list[float], accepted: int) -> None:
-        """A verified draft with per-token confidences `conf`, of which the first `accepted` were accepted."""
-        self._decay()
-        for i, c in enumerate(conf[: accepted + 1]):
-            self._count(c, i < accepted)
+    @staticmethod
+    def tried(conf: list[float], accepted: int, tree: tuple[list[int], list[int]] | None = None
+              ) -> list[tuple[float, bool]]:
+        """(confidence, accepted) of each token a verified draft tried against the verifier's: a chain's first
+        `accepted` + 1; a tree's (parents [N] per node, rows 1..N; the accepted path's rows) children of the root
+        and of accepted nodes, the one on the path accepted."""
+        if tree is None:
+            return [(c, i < accepted) for i, c in enumerate(conf[: accepted + 1])]
+        parents, path = tree
+        reached, on_path = {0, *path}, set(path)
+        return [(c, row in on_path) for row, (c, p) in enumerate(zip(conf, parents), start=1) if p in reached]
 
-    def observe_tree(self, conf: list[float], parents: list[int], path: list[int]) -> None:
-        """A verified draft tree: conf, parents [N] per node (rows 1..N); path: the accepted rows. Every child of
-        the root and of an accepted node was tried against the verifier's token; the one on the path matched."""
-        self._decay()
-        reached = {0, *path}
-        on_path = set(path)
-        for row, (c, p) in enumerate(zip(conf, parents), start=1):
-            if p in reached:
-                self._count(c, row in on_path)
-
-    def _decay(self) -> None:
+    def observe(self, conf: list[float], accepted: int, tree: tuple[list[int], list[int]] | None = None) -> None:
+        """A verified draft with per-token confidences `conf` ([B]), of which `accepted` were accepted (a tree:
+        with its parents and accepted path, see `tried`)."""
         for i in range(self.bins):
             self.reached[i] *= self.decay
             self.accepted[i] *= self.decay
-
-    def _count(self, conf: float, accepted: bool) -> None:
-        b = self.bin(conf)
-        self.reached[b] += 1
-        self.accepted[b] += accepted
+        for c, ok in self.tried(conf, accepted, tree):
+            b = self.bin(c)
+            self.reached[b] += 1
+            self.accepted[b] += ok
 
 
 @dataclass
@@ -259,6 +286,7 @@ class Coordinator:
         self._rng = random.Random(self.seed)
         self._acc = AcceptanceCounts(self.max_block_size, self.decay, self.prior_strength)
         self._verified: list[int] = []  # the last `recent` trimmed lengths
+        self._seq_cal = [0.0, 0.0]  # this sequence's tried draft tokens: decayed [sum of calibrated a(c), accepted]
         self._hit_cap = False  # the last trimmed round verified all it drafted
         self.step_options = [t for t in (1, 2, 4, 8) if t <= max(1, self.max_steps)]
         self._lookup = AcceptanceCounts(self.max_lookup, self.decay, self.prior_strength)
@@ -331,16 +359,25 @@ class Coordinator:
             b = max(b, 2 * self._verified[-1] if self._hit_cap else max(self._verified) + 1)
         return min(b, top), min(t, min(b, top))
 
+    def calibration_factor(self) -> float:
+        """k: how many times as often as the engine's calibration predicts this sequence's drafted tokens are
+        accepted (decayed sums over the tokens tried, `prior_strength` tokens' worth of k = 1 as prior)."""
+        expected, accepted = self._seq_cal
+        return (accepted + self.prior_strength) / (expected + self.prior_strength)
+
+    def _alpha(self, conf: float, k: float) -> float:
+        return min(0.999, k * self.calibration.alpha(conf))
+
     def trim(self, conf: list[float]) -> int:
         """How many of a draft's tokens to verify, given the drafter's confidence in each ([B]): the L in
         [1, B] that maximises E[tau | L] - rate * v(L), with `rate` the tokens per second the sequence
         expects (its best option's); the draft's own seconds are spent whatever L is."""
         if self.calibration is None or not conf:
             return len(conf)
-        rate = self.best_option()[2]
+        rate, k = self.best_option()[2], self.calibration_factor()
         best, best_gain, tau, run = 1, float("-inf"), 1.0, 1.0
         for length, c in enumerate(conf, start=1):
-            run *= self.calibration.alpha(c)
+            run *= self._alpha(c, k)
             tau += run
             gain = tau - rate * self.costs.verify_seconds(length)
             if gain > best_gain:
@@ -357,12 +394,12 @@ class Coordinator:
         verify time of N tokens (rows cost the same whether they form a chain or a tree)."""
         if self.calibration is None or not conf:
             return len(conf)
-        rate = self.best_option()[2]
+        rate, k = self.best_option()[2], self.calibration_factor()
         best, best_gain, tau = 1, float("-inf"), 1.0
         reach = [1.0]  # per row: probability that the verifier's tokens follow the path to it
         depth = [0]
         for n, (c, p) in enumerate(zip(conf, parents), start=1):
-            reach.append(reach[p] * self.calibration.alpha(c))
+            reach.append(reach[p] * self._alpha(c, k))
             depth.append(depth[p] + 1)
             tau += reach[-1]
             gain = tau - rate * self.costs.verify_seconds(n)
@@ -418,10 +455,13 @@ class Coordinator:
         self.costs.observe(len(tree[0]) if tree else block_size, steps, draft_s, verify_s, drafted)
         if block_size <= 0:
             return
-        if self.calibration is not None and conf and tree:
-            self.calibration.observe_tree(conf, *tree)
-        elif self.calibration is not None and conf:
-            self.calibration.observe(conf[:block_size], accepted)
+        if self.calibration is not None and conf:
+            tried = Calibration.tried(conf if tree else conf[:block_size], accepted, tree)
+            for i in range(2):
+                self._seq_cal[i] *= self.decay
+            self._seq_cal[0] += sum(self.calibration.alpha(c) for c, _ in tried)  # before the engine learns
+            self._seq_cal[1] += sum(ok for _, ok in tried)
+            self.calibration.observe(conf if tree else conf[:block_size], accepted, tree)
         gain = self.step_gain(steps) if steps > 1 else None
         self._acc.observe(block_size, 1, accepted, shift=gain)  # the text's acceptance, on the one-step scale
         self._by_steps.observe(block_size, steps, accepted)

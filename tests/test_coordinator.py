@@ -106,7 +106,8 @@ def test_cost_fit_finds_the_slope_of_sizes_clustered_together_and_keeps_plain_ro
 
 def test_verify_seconds_follow_a_cost_curve_no_line_fits():
     """A CPU's verify seconds (bench (c)): one row slower than two, steep from 1 to 4 rows, flat after. Each
-    size the coordinator runs is read at its own measured mean; a size never run leans on the line."""
+    size the coordinator runs is read at its own measured mean (1 and 2, 0.005 apart, pooled into one: more
+    draft tokens are never read as cheaper); a size never run leans on the line."""
     curve = {0: 0.225, 1: 0.200, 2: 0.195, 3: 0.215, 4: 0.230, 6: 0.240, 8: 0.250}
     rng, costs = random.Random(11), CostModel()
     for _ in range(400):
@@ -114,8 +115,26 @@ def test_verify_seconds_follow_a_cost_curve_no_line_fits():
         costs.observe(b, 1, 0.002 + 0.001 * (b + 1), curve[b] + rng.gauss(0, 0.008), b)
     for b, seconds in curve.items():
         assert costs.verify_seconds(b) == pytest.approx(seconds, abs=0.006), b
-    assert costs.verify_seconds(1) > costs.verify_seconds(2)  # no line can say this
+    assert costs.verify_seconds(0) > costs.verify_seconds(1)  # one row dearer than two: no line can say this
     assert costs.verify_seconds(12) > costs.verify_seconds(8)  # never run: the line, rising
+
+
+
+def test_a_few_unlucky_rounds_do_not_make_a_longer_verify_look_cheaper():
+    """Rows nearly free (a CPU from 2 to 8 rows): a size run twice on a busy moment, one run once on a quiet
+    one, must not read as 'two draft tokens cost more than seven', which would decide how much of a tree to
+    verify on noise; the estimates stay non-decreasing, pooled where the measurements disagree."""
+    costs = CostModel()
+    for _ in range(40):
+        for b in (1, 3, 4):
+            costs.observe(b, 1, 0.003, 0.240, b)
+    costs.observe(2, 1, 0.003, 0.330, 2)
+    costs.observe(2, 1, 0.003, 0.310, 2)
+    costs.observe(7, 1, 0.003, 0.200, 7)
+    v = [costs.verify_seconds(b) for b in range(1, 9)]
+    assert v == sorted(v)
+    assert v[0] == pytest.approx(0.240, abs=0.01) and v[7 - 1] >= v[4 - 1]
+    assert costs._raw_verify(2)[0] > 0.26 and costs._raw_verify(7)[0] < 0.235  # what the rounds alone said
 
 
 def test_expected_tau_formula():
@@ -246,6 +265,7 @@ def test_calibration_learns_acceptance_per_confidence():
     assert cal.alpha(0.55) == pytest.approx(0.55)  # a bin never seen keeps its prior
 
 
+
 def test_trim_verifies_the_confident_stretch():
     """Extending a draft pays while P(all accepted) beats rate * (v(L+1) - v(L)): a confident run is
     verified to its end, a doubtful first token alone, never less than one token or more than drafted."""
@@ -356,7 +376,7 @@ def test_calibration_of_a_tree_counts_every_tried_node():
 
     cal = Calibration(decay=1.0)
     conf, parents, path = [0.95, 0.15, 0.95, 0.55, 0.15], [0, 0, 1, 1, 2], [1, 3]
-    cal.observe_tree(conf, parents, path)
+    cal.observe(conf, len(path), (parents, path))
     assert cal.reached[9] == 2 and cal.accepted[9] == 2  # rows 1 and 3, both on the path
     assert cal.reached[1] == 1 and cal.accepted[1] == 0  # row 2 tried and rejected; row 5 (under row 2) not tried
     assert cal.reached[5] == 1 and cal.accepted[5] == 0  # row 4: a sibling of the accepted row 3
@@ -384,3 +404,32 @@ def test_trim_tree_keeps_the_nodes_whose_path_pays_for_its_row():
         coord.costs.observe(1, 1, draft_cost(1, 1), 0.08 + 0.5 * 1)
     assert coord.trim_tree(conf, parents) == 1
     assert Coordinator(MAX_B).trim_tree(conf, parents) == 6  # no calibration: the whole tree
+
+
+def test_trim_learns_per_sequence_what_the_drafters_confidence_is_worth():
+    """Two sequences share the engine's calibration: on one the drafter's confident tokens are always
+    accepted (code), on the other never (a text it cannot guess). The engine-wide a(c) is their mix; each
+    sequence's own factor k moves its trimming apart: the first verifies the whole draft, the second a token or two."""
+    from hybrid.coordinator import Calibration
+
+    cal, costs = Calibration(), CostModel()
+    row = 0.0005  # verify seconds per row: ~0.09 of a token at this sequence's rate
+    for b in range(1, MAX_B + 1):
+        for _ in range(5):
+            costs.observe(b, 1, draft_cost(b, 1), 0.08 + row * b, drafted=MAX_B)
+    good = Coordinator(MAX_B, costs=costs, calibration=cal, seed=0)
+    bad = Coordinator(MAX_B, costs=costs, calibration=cal, seed=1)
+    conf = [0.75] * 6  # [B] the same confidence on both texts
+    parents = [0, 1, 2, 0, 4, 5]  # a tree: two paths of three
+    for _ in range(20):
+        good.observe(3, 1, 3, 0.01, 0.08 + row * 6, 6, conf, (parents, [1, 2, 3]))
+        bad.observe(3, 1, 0, 0.01, 0.08 + row * 6, 6, conf, (parents, []))
+    assert 0.3 < cal.alpha(0.75) < 0.7  # the engine's estimate: the mix of both
+    assert good.calibration_factor() > 1.3 and bad.calibration_factor() < 0.2
+    trimmed = {name: (c.trim(conf), c.trim_tree(conf, parents)) for name, c in (("good", good), ("bad", bad))}
+    assert trimmed["good"] == (6, 6)  # the whole chain, the whole tree
+    assert trimmed["bad"][0] <= 2 and trimmed["bad"][1] < 6
+    good._seq_cal, bad._seq_cal = [0.0, 0.0], [0.0, 0.0]  # the engine's a(c) alone: the chain in between
+    assert trimmed["bad"][0] < good.trim(conf) < 6 and bad.trim(conf) > trimmed["bad"][0]
+    fresh = Coordinator(MAX_B, costs=costs, calibration=cal, seed=2)
+    assert fresh.calibration_factor() == 1.0  # a new sequence starts from the engine's calibration
