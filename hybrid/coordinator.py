@@ -245,10 +245,14 @@ class Calibration:
     def observe(self, conf: list[float], accepted: int, tree: tuple[list[int], list[int]] | None = None) -> None:
         """A verified draft with per-token confidences `conf` ([B]), of which `accepted` were accepted (a tree:
         with its parents and accepted path, see `tried`)."""
+        self.count(self.tried(conf, accepted, tree))
+
+    def count(self, tried: list[tuple[float, bool]]) -> None:
+        """One verified draft's tried tokens, (confidence, accepted) each: decay, then count them."""
         for i in range(self.bins):
             self.reached[i] *= self.decay
             self.accepted[i] *= self.decay
-        for c, ok in self.tried(conf, accepted, tree):
+        for c, ok in tried:
             b = self.bin(c)
             self.reached[b] += 1
             self.accepted[b] += ok
@@ -461,7 +465,7 @@ class Coordinator:
                 self._seq_cal[i] *= self.decay
             self._seq_cal[0] += sum(self.calibration.alpha(c) for c, _ in tried)  # before the engine learns
             self._seq_cal[1] += sum(ok for _, ok in tried)
-            self.calibration.observe(conf if tree else conf[:block_size], accepted, tree)
+            self.calibration.count(tried)
         gain = self.step_gain(steps) if steps > 1 else None
         self._acc.observe(block_size, 1, accepted, shift=gain)  # the text's acceptance, on the one-step scale
         self._by_steps.observe(block_size, steps, accepted)
