@@ -242,11 +242,6 @@ class Calibration:
         reached, on_path = {0, *path}, set(path)
         return [(c, row in on_path) for row, (c, p) in enumerate(zip(conf, parents), start=1) if p in reached]
 
-    def observe(self, conf: list[float], accepted: int, tree: tuple[list[int], list[int]] | None = None) -> None:
-        """A verified draft with per-token confidences `conf` ([B]), of which `accepted` were accepted (a tree:
-        with its parents and accepted path, see `tried`)."""
-        self.count(self.tried(conf, accepted, tree))
-
     def count(self, tried: list[tuple[float, bool]]) -> None:
         """One verified draft's tried tokens, (confidence, accepted) each: decay, then count them."""
         for i in range(self.bins):

@@ -119,7 +119,6 @@ def test_verify_seconds_follow_a_cost_curve_no_line_fits():
     assert costs.verify_seconds(12) > costs.verify_seconds(8)  # never run: the line, rising
 
 
-
 def test_a_few_unlucky_rounds_do_not_make_a_longer_verify_look_cheaper():
     """Rows nearly free (a CPU from 2 to 8 rows): a size run twice on a busy moment, one run once on a quiet
     one, must not read as 'two draft tokens cost more than seven', which would decide how much of a tree to
@@ -260,10 +259,9 @@ def test_calibration_learns_acceptance_per_confidence():
         accepted = 0
         while accepted < 4 and rng.random() < (0.6 if conf[accepted] == 0.95 else 0.05):
             accepted += 1
-        cal.observe(conf, accepted)
+        cal.count(Calibration.tried(conf, accepted))
     assert cal.alpha(0.95) == pytest.approx(0.6, abs=0.03) and cal.alpha(0.15) == pytest.approx(0.05, abs=0.02)
     assert cal.alpha(0.55) == pytest.approx(0.55)  # a bin never seen keeps its prior
-
 
 
 def test_trim_verifies_the_confident_stretch():
@@ -376,7 +374,7 @@ def test_calibration_of_a_tree_counts_every_tried_node():
 
     cal = Calibration(decay=1.0)
     conf, parents, path = [0.95, 0.15, 0.95, 0.55, 0.15], [0, 0, 1, 1, 2], [1, 3]
-    cal.observe(conf, len(path), (parents, path))
+    cal.count(Calibration.tried(conf, len(path), (parents, path)))
     assert cal.reached[9] == 2 and cal.accepted[9] == 2  # rows 1 and 3, both on the path
     assert cal.reached[1] == 1 and cal.accepted[1] == 0  # row 2 tried and rejected; row 5 (under row 2) not tried
     assert cal.reached[5] == 1 and cal.accepted[5] == 0  # row 4: a sibling of the accepted row 3
