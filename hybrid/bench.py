@@ -39,7 +39,7 @@ import math
 import re
 from collections import Counter
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -678,6 +678,7 @@ def format_report(result: BenchResult) -> str:
     out.append("")
     out += histogram_lines(result)
     out += auto_lines(result)
+    out += hindsight_lines(result)
     out.append(identity_line(result))
     return "\n".join(out)
 
@@ -712,6 +713,33 @@ def auto_lines(result: BenchResult) -> list[str]:
                          for m in fixed)
         out += [f"{a} / best fixed size: {', '.join(parts)}", f"{a} / each fixed size overall: {each}"]
     return out + [""]
+
+
+def hindsight_lines(result: BenchResult) -> list[str]:
+    """With two or more fixed block sizes: the fastest fixed size of each category, picked after the fact, and
+    that choice's tokens/s over the best single fixed size's on the whole set: the most any chooser of one
+    fixed size per category could have gained on these prompts (what issue 4's second bar asks of auto)."""
+    fixed = [m for m in result.stats if m.partition("@")[2].isdigit()]
+    if len(fixed) < 2 or not result.categories:
+        return []
+    pick = {c: max(fixed, key=lambda m: result.stats[m][c].tokens_per_s) for c in result.categories}
+    tokens = sum(result.stats[pick[c]][c].new_tokens for c in result.categories)
+    wall = sum(result.stats[pick[c]][c].wall_s for c in result.categories)
+    best = max(fixed, key=lambda m: result.stats[m][ALL].tokens_per_s)
+    ratio = tokens / max(wall, 1e-9) / max(result.stats[best][ALL].tokens_per_s, 1e-9)
+    picks = ", ".join(f"{c} @{pick[c].partition('@')[2]}" for c in result.categories)
+    return [f"best fixed size per category in hindsight ({picks}): {ratio:.2f}x the best single fixed size "
+            f"(@{best.partition('@')[2]}) overall", ""]
+
+
+def load_result(path: str | Path) -> BenchResult:
+    """A result saved with --json (its last line), for reports on past runs (bench/size_oracle.py)."""
+    d = json.loads(Path(path).read_text().strip().splitlines()[-1])
+    names = {f.name for f in fields(MethodStats)}
+    stats = {m: {c: MethodStats(**{k: v for k, v in s.items() if k in names}) for c, s in cats.items()}
+             for m, cats in d["methods"].items()}
+    return BenchResult(d["config"], d["categories"], stats, d.get("skipped", {}),
+                       [Mismatch(**x) for x in d.get("mismatches", [])])
 
 
 def identity_line(result: BenchResult) -> str:

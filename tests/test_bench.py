@@ -206,6 +206,7 @@ def test_block_sizes_compare_fixed_and_auto_in_one_run(models, capsys):
     assert sum(result["methods"]["hybrid@auto"][ALL]["steps"].values()) > 0
     assert "hybrid@auto rounds by block size " in out and "; by denoising steps " in out
     assert "hybrid@auto / best fixed size: code " in out and "hybrid@auto-nolookup / each fixed size overall: @1 " in out
+    assert "best fixed size per category in hindsight (code @" in out
 
 
 def test_auto_lines_compare_with_best_and_each_fixed_size():
@@ -221,6 +222,29 @@ def test_auto_lines_compare_with_best_and_each_fixed_size():
                                   "hybrid@auto / each fixed size overall: @2 1.21, @4 1.10", ""]
     del result.stats["hybrid@2"], result.stats["hybrid@4"]
     assert auto_lines(result) == []
+
+
+def test_hindsight_lines_pick_each_categorys_fastest_fixed_size_and_survive_a_saved_json(tmp_path):
+    from hybrid.bench import BenchResult, MethodStats, hindsight_lines, load_result
+
+    def stats(tokens, wall):
+        return MethodStats(1, tokens, wall, tokens / wall, None, None, None, 0.1, None, None, None, None, None,
+                           None, None)
+
+    # code: @2 takes 10 s, @4 30 s; chat: @2 30 s, @4 15 s (20 tokens each). Best single size: @2, 40 tokens in
+    # 40 s; picking @2 for code and @4 for chat: 40 tokens in 25 s, 1.6x.
+    walls = {"plain": (40, 40), "hybrid@2": (10, 30), "hybrid@4": (30, 15), "hybrid@auto": (12, 18)}
+    result = BenchResult({"temperature": 0, "max_new_tokens": 20}, ["code", "chat"],
+                         {m: {"code": stats(20, w[0]), "chat": stats(20, w[1]), ALL: stats(40, sum(w))}
+                          for m, w in walls.items()})
+    expected = ["best fixed size per category in hindsight (code @2, chat @4): 1.60x the best single fixed size "
+                "(@2) overall", ""]
+    assert hindsight_lines(result) == expected
+    path = tmp_path / "run.json"
+    path.write_text("progress\n" + json.dumps(result.to_json()) + "\n")
+    assert hindsight_lines(load_result(path)) == expected
+    del result.stats["hybrid@4"]
+    assert hindsight_lines(result) == []
 
 
 @pytest.mark.parametrize("order", ["interleaved", "method"])
