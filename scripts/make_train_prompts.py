@@ -7,6 +7,7 @@ translation); no prompt of bench/prompts.jsonl is used or copied.
 
     python scripts/make_train_prompts.py --human-eval /path/HumanEval.jsonl.gz
     python scripts/make_train_prompts.py --round 2   # data/train-prompts-2.jsonl: other sources, no repeats
+    python scripts/make_train_prompts.py --round 4   # data/train-prompts-4.jsonl: round 3's kinds, new functions
 
 Round 2 draws on what round 1 left: functions and methods of the standard library's subpackages,
 "explain / test / annotate this function" requests, scripting tasks, the language reference text that
@@ -318,6 +319,35 @@ def round_three(rng: random.Random, root: Path, skip: set[str]) -> list[dict]:
     return rows + doc_prompts(docs, rng, sum_asks, 50, 50)
 
 
+def round_four(rng: random.Random, root: Path, seen_text: str) -> list[dict]:
+    """More of round 3's kinds, weighted to code: functions of the installed packages that no earlier round
+    used (neither their source nor their `name(` appears in an earlier prompt), three per file."""
+    fns = [f for f in all_functions(root, rng, set(), 2000, per_file=3,
+                                    leave_out=frozenset({"test", "tests", "testing", "_vendor", "vendored", "hybrid"}))
+           if f[0] not in seen_text and f"`{f[2]}(" not in seen_text]
+    rows = []
+    for head, whole, name, fargs, desc in fns[:150]:
+        rows.append({"prompt": head, "category": "code", "chat": False})
+    for head, whole, name, fargs, desc in fns[150:300]:
+        lang = "Python" if rng.random() < 0.6 else rng.choice(LANGS)
+        rows.append({"prompt": f"Write a {lang} function `{name}({fargs})` that does this: {desc}", "category": "code"})
+    asks = ["Explain what this function does.", "Write unit tests for this function with pytest.",
+            "Is there a bug in this code? Explain.", "Simplify this function.", "Document this function with a docstring.",
+            "Add type hints to this function.", "Rewrite this function in {lang}."]
+    for head, whole, name, fargs, desc in fns[300:450]:
+        ask = rng.choice(asks).format(lang=rng.choice(LANGS))
+        rows.append({"prompt": f"{ask}\n\n```python\n{whole}```", "category": "code"})
+    for t in rng.sample(TOPICS + TOPICS_2, min(150, len(TOPICS + TOPICS_2))):
+        rows.append({"prompt": rng.choice(ASKS_3 + ASKS + ASKS_2).format(t=t), "category": "chat"})
+    for _ in range(60):
+        rows.append({"prompt": (math_prompt if rng.random() < 0.5 else math_prompt_2)(rng), "category": "math"})
+    files = [f for f in sorted(root.glob("*/*.py")) if f.name != "__init__.py"]  # round 3 read the __init__s
+    docs = [(f.stem, d) for f in rng.sample(files, min(800, len(files))) for d in [_docstring(f)] if d]
+    sum_asks = ["Summarise the following paragraph in one sentence.", "Give a short summary of the following paragraph.",
+                "Summarise the key points of this paragraph as a bulleted list.", "Summarise this text in two sentences."]
+    return rows + doc_prompts(docs, rng, sum_asks, 50, 50)
+
+
 def doc_prompts(docs: list[tuple[str, str]], rng: random.Random, asks: list[str], summaries: int,
                 translations: int) -> list[dict]:
     """Summarisation prompts from the docstrings' paragraphs and translation prompts from their sentences."""
@@ -343,10 +373,16 @@ def main():
     ap.add_argument("--human-eval", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "train-prompts.jsonl")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--round", type=int, default=1, choices=[1, 2, 3])
+    ap.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4])
     args = ap.parse_args()
     data = Path(__file__).resolve().parents[1] / "data"
     root = Path(sysconfig.get_paths()["stdlib"])
+    if args.round == 4:
+        out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-4.jsonl"
+        earlier = [json.loads(l)["prompt"] for n in ("", "-2", "-3") for l in (data / f"train-prompts{n}.jsonl").read_text().splitlines()]
+        purelib = Path(sysconfig.get_paths()["purelib"])
+        rows = [r for r in round_four(random.Random(args.seed + 4), purelib, "\n".join(earlier)) if r["prompt"] not in set(earlier)]
+        return write(rows, out, data.parent / "bench" / "prompts.jsonl")
     if args.round == 3:
         out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-3.jsonl"
         seen = {json.loads(l)["prompt"] for n in ("", "-2") for l in (data / f"train-prompts{n}.jsonl").read_text().splitlines()}

@@ -198,3 +198,14 @@ def test_training_from_prompts_resumes_and_reports(tmp_path, model_dir):
     train(replace(c, out=str(tmp_path / "sd2"), extra={"resume": True}), progress=False)
     w2 = weights(tmp_path / "sd2")
     assert all(torch.equal(w[k], w2[k]) for k in w)
+
+    # going on from it (--init) on other prompts keeps the vocabulary it drafts from, which those prompts
+    # alone would have chosen otherwise
+    other = tmp_path / "q.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"cd ab{i + 5} cd cd", "category": "code", "chat": False}) + "\n"
+                             for i in range(8)))
+    vocab = lambda d: load_file(str(tmp_path / d / "draft_vocab.safetensors"))["ids"]  # noqa: E731
+    train(replace(c, prompts=[str(other)], out=str(tmp_path / "fresh")), progress=False)
+    train(replace(c, prompts=[str(other)], out=str(tmp_path / "more"), init=str(tmp_path / "sd")), progress=False)
+    assert not torch.equal(vocab("fresh"), vocab("sd"))
+    assert torch.equal(vocab("more"), vocab("sd"))

@@ -457,6 +457,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         max_steps=cfg.max_steps,
         target_layer_ids=cfg.target_layer_ids,
     )
+    init = None
     if cfg.init:
         init = DiffusionDrafter.load(cfg.init, verifier)
         if init.capture_layers != drafter.capture_layers:
@@ -484,7 +485,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     train_feats = corpus_feats[cfg.holdout_chunks:] + gen_feats[cfg.holdout_chunks:]
     (out / "holdout-prompts.json").write_text(json.dumps(
         [f["tokens"][: f["start"] + 1 if "start" in f else min(128, cfg.seq_len // 2)].tolist() for f in holdout]))
-    vocab = loss_vocabulary(train_feats, cfg.loss_vocab, verifier.vocab_size)
+    if init is not None and init.draft_vocab is not None and cfg.loss_vocab == init.draft_vocab.numel():
+        vocab = init.draft_vocab.cpu()  # go on with the vocabulary --init learnt on all of its data, not this run's
+    else:
+        vocab = loss_vocabulary(train_feats, cfg.loss_vocab, verifier.vocab_size)
     drafter.set_draft_vocab(vocab)  # it also drafts from the tokens it was trained to tell apart
 
     opt = torch.optim.AdamW(drafter.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
