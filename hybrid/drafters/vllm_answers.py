@@ -33,8 +33,10 @@ def main(job_path: str, out_path: str) -> None:
     job = json.loads(open(job_path).read())
     prompts = job["prompts"]
     gpu = torch.cuda.is_available()
-    memory = ({"kv_cache_memory_bytes": int(os.environ["HYBRID_VLLM_KV_BYTES"])} if "HYBRID_VLLM_KV_BYTES" in os.environ
-              else {} if gpu else {"gpu_memory_utilization": 0.3})  # on CPU: a share of one NUMA node's memory
+    # KV cache: on a CPU a fixed 2 GiB (plenty for answers of a few hundred tokens, 48 at a time), not a share of
+    # the node's memory, which the training process (verifier, features) may already hold and vLLM then refuses
+    kv = os.environ.get("HYBRID_VLLM_KV_BYTES", None if gpu else str(2 << 30))
+    memory = {"kv_cache_memory_bytes": int(kv)} if kv else {}
     llm = LLM(job["model"], dtype=job.get("dtype", "bfloat16"), enforce_eager=not gpu, seed=0,
               max_model_len=max(len(p) for p in prompts) + job["new_tokens"], **memory)
     params = SamplingParams(temperature=0, max_tokens=job["new_tokens"])
@@ -74,8 +76,9 @@ def answer_with_vllm(model: str, prompts: list[list[int]], new_tokens: int, dtyp
         job.write_text(json.dumps({"model": model, "dtype": dtype, "new_tokens": new_tokens, "prompts": todo}))
         rc = subprocess.run([sys.executable, "-m", "hybrid.drafters.vllm_answers", str(job), str(path)]).returncode
         if rc != 0:
-            raise UserError(f"vLLM stopped with exit code {rc} while answering prompts (its log is above); "
-                            "--gen-backend hf answers with transformers instead")
+            raise UserError(f"vLLM stopped with exit code {rc} while answering prompts (its log is above): if it "
+                            "lacked memory, set HYBRID_VLLM_KV_BYTES (its KV cache in bytes, 2 GiB on a CPU by "
+                            "default); --gen-backend hf answers with transformers instead")
         have = read_answers(path)
     return have
 
