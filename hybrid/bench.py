@@ -695,10 +695,15 @@ def histogram_lines(result: BenchResult) -> list[str]:
     return out + [""] if out else []
 
 
+def fixed_sizes(result: BenchResult) -> list[str]:
+    """The methods run at a fixed block size with chains ("hybrid@4", not "hybrid@auto" or "hybrid@4-tree8")."""
+    return [m for m in result.stats if m.partition("@")[2].isdigit()]
+
+
 def auto_lines(result: BenchResult) -> list[str]:
     """With --block-sizes holding auto variants and fixed sizes: each auto variant's tokens/s over the best
     fixed size's, per category and overall, and over every fixed size overall (issue 4's two bars)."""
-    fixed = [m for m in result.stats if m.partition("@")[2].isdigit()]
+    fixed = fixed_sizes(result)
     autos = [m for m in result.stats if m.partition("@")[2].startswith("auto")]
     if not fixed or not autos:
         return []
@@ -719,7 +724,7 @@ def hindsight_lines(result: BenchResult) -> list[str]:
     """With two or more fixed block sizes: the fastest fixed size of each category, picked after the fact, and
     that choice's tokens/s over the best single fixed size's on the whole set: the most any chooser of one
     fixed size per category could have gained on these prompts (what issue 4's second bar asks of auto)."""
-    fixed = [m for m in result.stats if m.partition("@")[2].isdigit()]
+    fixed = fixed_sizes(result)
     if len(fixed) < 2 or not result.categories:
         return []
     pick = {c: max(fixed, key=lambda m: result.stats[m][c].tokens_per_s) for c in result.categories}

@@ -381,7 +381,8 @@ def main():
         out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-4.jsonl"
         earlier = [json.loads(l)["prompt"] for n in ("", "-2", "-3") for l in (data / f"train-prompts{n}.jsonl").read_text().splitlines()]
         purelib = Path(sysconfig.get_paths()["purelib"])
-        rows = [r for r in round_four(random.Random(args.seed + 4), purelib, "\n".join(earlier)) if r["prompt"] not in set(earlier)]
+        seen = set(earlier)
+        rows = [r for r in round_four(random.Random(args.seed + 4), purelib, "\n".join(earlier)) if r["prompt"] not in seen]
         return write(rows, out, data.parent / "bench" / "prompts.jsonl")
     if args.round == 3:
         out = args.out if args.out != data / "train-prompts.jsonl" else data / "train-prompts-3.jsonl"
