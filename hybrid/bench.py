@@ -587,14 +587,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             engine.check(g)
 
             def one(i, ids, n, seed, engine=engine, label=label, g=g):
-                engine.activate()
                 c = GenerationConfig(**{**asdict(g), "max_new_tokens": n, "seed": seed})
                 return run_engine(engine, ids, c, label, prompts[i].category, prompts[i].index)
         else:
             helper = assistant if method == "hf-assisted" else None
 
             def one(i, ids, n, seed, helper=helper, method=method):
-                verifier.set_capture_layers([])  # no drafter's hooks on transformers' own forward passes
                 return run_hf(verifier.model, ids, method, prompts[i].category, prompts[i].index, n,
                               cfg.temperature, cfg.top_p, seed, eos, pad, helper, lookup_tokens)
         runners.append((label, one))
@@ -615,7 +613,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             bar.update(1)
     finally:
         bar.close()
-        verifier.set_capture_layers([])
     runs.sort(key=lambda r: [label for label, _ in runners].index(r.method))  # method-major, prompts in order
 
     stats, mismatches = summarise(runs, [label for label, _, _ in variants], categories, greedy)

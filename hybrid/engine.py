@@ -12,7 +12,7 @@ from hybrid.acceptance import SamplingParams
 from hybrid.coordinator import AcceptanceCounts, Calibration, Coordinator, CostModel
 from hybrid.drafters.ngram import NgramDrafter
 from hybrid.errors import UserError
-from hybrid.loop import FixedSchedule, LoopConfig, Round, speculative_decode
+from hybrid.loop import FixedSchedule, LoopConfig, Round, check_prompt, request_tokens, speculative_decode
 from hybrid.pages import PagePool
 from hybrid.verifiers.hf import HFVerifier
 
@@ -90,14 +90,24 @@ class TextStream:
         self.text = ""  # text emitted so far
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped = False
+        self.kept = 0  # after a stop: how many ids of the last push were output
 
     def push(self, ids: list[int], final: bool = False) -> str:
+        """Text of these new token ids that can be emitted now. On a stop string, `stopped` is set and `kept`
+        says how many of `ids` it took to complete it (the rest are not output)."""
+        before = len(self.ids)
         self.ids.extend(ids)
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            i = full.find(s, max(0, len(self.text) - len(s)))
-            if i >= 0:
-                full, self.stopped, final = full[:i], True, True
+        cut = self._stop_at(full)
+        if cut is not None:
+            # the fewest of these tokens whose text completes a stop string: where plain decoding would stop
+            for kept in range(1, len(ids) + 1):
+                full = self.tokenizer.decode(self.ids[: before + kept], skip_special_tokens=True)
+                cut = self._stop_at(full)
+                if cut is not None:
+                    break
+            del self.ids[before + kept :]
+            full, self.stopped, self.kept, final = full[:cut], True, kept, True
         if not final:
             if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
                 full = full.rstrip("\ufffd")
@@ -106,13 +116,36 @@ class TextStream:
         self.text += delta
         return delta
 
+    def _stop_at(self, full: str) -> int | None:
+        """Where the earliest stop string begins in `full` (searched from just before the emitted text's end)."""
+        found = [i for s in self.stop if (i := full.find(s, max(0, len(self.text) - len(s)))) >= 0]
+        return min(found) if found else None
+
+
+class Generation:
+    """One request's stream of events; owns its sequence of the pool until it ends or is closed."""
+
+    def __init__(self, events: Iterator[StreamEvent], pool: PagePool, seq):
+        self.events, self.pool, self.seq = events, pool, seq
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self.events)
+
+    def close(self) -> None:
+        self.events.close()
+        self.pool.free(self.seq)  # also when the stream never started (a generator's finally would not run)
+
 
 class Engine:
     """A verifier, an optional drafter and the page pool they share."""
 
     def __init__(self, verifier: HFVerifier, drafter=None, num_pages: int | None = None, page_size: int = 16,
                  pool: PagePool | None = None):
-        """`pool`: share another engine's page pool (engines over one verifier taking turns, as in the bench)."""
+        """`pool`: share another engine's page pool. Engines over one verifier may run in any order or
+        interleaved: each request's pages and captured layers go with it, not with the verifier."""
         self.verifier, self.drafter = verifier, drafter
         if num_pages is None:
             num_pages = -(-(min(verifier.max_context, 8192) + 64) // page_size)
@@ -121,21 +154,9 @@ class Engine:
         self.acceptance = None  # engine-wide acceptance counts the coordinators start from (made on first use)
         self.calibration = Calibration()  # engine-wide acceptance per drafter confidence (trimmed rounds)
         self.lookup_acceptance = None  # engine-wide acceptance of prompt-lookup drafts (made on first use)
-        verifier.attach(self.pool)
+        verifier.attach(self.pool)  # registers the models' caches; verifier and drafter keep no pool of their own
         if drafter is not None:
             drafter.attach(self.pool, verifier)
-            verifier.set_capture_layers(drafter.capture_layers)
-
-    def activate(self) -> None:
-        """Make this engine's the verifier's page pool and captured layers again: needed only when several
-        engines share one verifier and take turns (the bench runs its methods interleaved)."""
-        if self.verifier.pool is not self.pool:  # engines with pools of their own (the bench shares one)
-            self.verifier.attach(self.pool)
-            if self.drafter is not None:
-                self.drafter.attach(self.pool, self.verifier)
-        wanted = list(self.drafter.capture_layers) if self.drafter is not None else []
-        if self.verifier.capture_layers != wanted:
-            self.verifier.set_capture_layers(wanted)
 
     @classmethod
     def load(cls, verifier: str, drafter: str = "none", dtype="auto", device: str = "cpu", **kw) -> "Engine":
@@ -190,24 +211,43 @@ class Engine:
                            allow_plain=True, shared=self.acceptance, calibration=self.calibration if cfg.trim else None,
                            shared_lookup=self.lookup_acceptance, max_lookup=LoopConfig.lookup_block)
 
-    def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
-               schedule=None) -> Iterator[StreamEvent]:
-        """Yield committed text as each round commits it."""
-        self.check(cfg)
-        ids = self.encode(prompt, chat)
-        text = TextStream(self.verifier.tokenizer, cfg.stop)
-        schedule = schedule or self.schedule(cfg)
+    def loop_config(self, cfg: GenerationConfig) -> LoopConfig:
+        """What the loop needs of a request's config."""
         max_block = self.drafter.max_block_size if self.drafter is not None else 0
         block = max_block if cfg.block_size == "auto" else cfg.block_size
-        lookup = 0 if isinstance(self.drafter, NgramDrafter) else cfg.lookup  # the n-gram drafter is a lookup already
-        loop_cfg = LoopConfig(cfg.max_new_tokens, block, 1 if cfg.steps == "auto" else cfg.steps, cfg.stop_on_eos,
-                              lookup, min(block, LoopConfig.lookup_block), tree_budget(cfg))  # lookup drafts: no longer than asked
-        rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(), schedule)
+        return LoopConfig(
+            max_new_tokens=cfg.max_new_tokens, block_size=block, steps=1 if cfg.steps == "auto" else cfg.steps,
+            stop_on_eos=cfg.stop_on_eos,
+            lookup=0 if isinstance(self.drafter, NgramDrafter) else cfg.lookup,  # the n-gram drafter is a lookup already
+            lookup_block=min(block, LoopConfig.lookup_block),  # lookup drafts: no longer than asked
+            tree=tree_budget(cfg),
+        )
+
+    def request_pages(self, prompt_tokens: int, cfg: GenerationConfig) -> int:
+        """KV pages a request holds at worst: what `stream` promises it before its first round."""
+        return self.pool.pages_for(request_tokens(prompt_tokens, self.loop_config(cfg), self.verifier.max_context))
+
+    def stream(self, prompt: str | list[int], cfg: GenerationConfig, chat: bool = False,
+               schedule=None) -> "Generation":
+        """Yield committed text as each round commits it. The request's worst case of KV pages is promised
+        now (PagesExhausted if the pool cannot hold it beside what it promised others), so once it starts
+        it runs to its end; close() (or leaving the loop) gives them back."""
+        self.check(cfg)
+        ids = self.encode(prompt, chat)
+        check_prompt(ids, self.verifier.max_context)
+        loop_cfg = self.loop_config(cfg)
+        seq = self.pool.new_sequence(request_tokens(len(ids), loop_cfg, self.verifier.max_context))
+        rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(),
+                                    schedule or self.schedule(cfg), seq=seq)
+        return Generation(self._events(rounds, TextStream(self.verifier.tokenizer, cfg.stop)), self.pool, seq)
+
+    @staticmethod
+    def _events(rounds, text: "TextStream") -> Iterator[StreamEvent]:
         try:
             for r in rounds:
                 delta = text.push(r.tokens, final=r.finish_reason is not None)
-                if text.stopped:
-                    r.finish_reason = "stop"
+                if text.stopped:  # the tokens past the one that completed a stop string are not output
+                    r.tokens, r.finish_reason = r.tokens[: text.kept], "stop"
                 yield StreamEvent(delta, r.tokens, r)
                 if text.stopped:
                     return
@@ -223,7 +263,8 @@ class Engine:
         text, rounds = "", []
         ttft = None
         finish = "length"
-        for ev in self.stream(prompt_ids, cfg, schedule=schedule):
+        events = self.stream(prompt_ids, cfg, schedule=schedule)
+        for ev in events:
             ids += ev.tokens
             text += ev.text
             if on_text and ev.text:
@@ -233,6 +274,7 @@ class Engine:
             if ev.round.block_size or ev.round.tokens:
                 rounds.append(ev.round)
             finish = ev.round.finish_reason or finish
+        events.close()
         wall = time.perf_counter() - t0
         return summarize(text, ids, rounds, wall, ttft or wall, finish, len(prompt_ids))
 

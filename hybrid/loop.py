@@ -16,7 +16,7 @@ from hybrid.acceptance import Acceptance, SamplingParams, accept
 from hybrid.drafters.base import Context, Draft, Drafter
 from hybrid.drafters.ngram import find_suffix, follow
 from hybrid.errors import UserError
-from hybrid.pages import PagePool
+from hybrid.pages import PagePool, Sequence
 from hybrid.tree import accept_tree, depths
 
 
@@ -101,6 +101,7 @@ def speculative_decode(
     cfg: LoopConfig,
     params: SamplingParams,
     schedule: Schedule | None = None,
+    seq: Sequence | None = None,
 ) -> Iterator[Round]:
     """Generate from `prompt`, yielding each round's committed tokens as soon as they are committed.
 
@@ -109,31 +110,24 @@ def speculative_decode(
     With `cfg.lookup` = n, a round whose last n to 4 tokens occurred earlier in the context may draft
     what followed them instead (prompt lookup: free to draft, and long where the text repeats itself:
     code edits, summaries, lists); the schedule decides how much of that copy to verify (0: draft as usual).
-    The caller may stop iterating at any point; the sequence's pages are freed either way.
+    `seq`: a sequence of `pool` made for this request (with its worst case promised, `request_tokens`);
+    None: one is made here. The caller may stop iterating at any point; the sequence's pages are freed
+    either way.
     """
-    if not prompt:
-        raise UserError("empty prompt: give at least one token of text")
-    if len(prompt) >= verifier.max_context:
-        raise UserError(
-            f"prompt of {len(prompt)} tokens does not fit the verifier's context window of "
-            f"{verifier.max_context}: shorten the prompt"
-        )
+    check_prompt(prompt, verifier.max_context)
     schedule = schedule or FixedSchedule(cfg.block_size, cfg.steps)
     generator = None
     if not params.greedy:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-    seq = pool.new_sequence()
+    if seq is None:  # the whole request must fit the pool, or it is refused now
+        seq = pool.new_sequence(request_tokens(len(prompt), cfg, verifier.max_context))
     ctx = Context(tokens=list(prompt), seq=seq)
+    capture = list(drafter.capture_layers) if drafter is not None else []  # verifier layers the drafter reads
     try:
-        # Budget check up front: the whole request must fit the pool, or it is refused now.
-        extra = max(cfg.block_size, cfg.tree)  # slots a verify pass may write past the committed tokens
-        worst = min(len(prompt) + cfg.max_new_tokens + extra, verifier.max_context + extra)
-        pool.check_fits(seq, worst)
-
         # 1. prefill: every prompt token but the last into the verifier's pages (and the drafter's)
         t0 = time.perf_counter()
-        hidden = verifier.prefill(seq, torch.tensor(prompt[:-1], dtype=torch.long))
+        hidden = verifier.prefill(seq, torch.tensor(prompt[:-1], dtype=torch.long), capture)
         if drafter is not None:
             drafter.observe(ctx, hidden, 0)
         _sync(verifier.device)
@@ -177,7 +171,7 @@ def speculative_decode(
 
             # 3. verify: the last committed token plus the draft, one forward pass -> logits [B+1, V]
             inputs = torch.cat([torch.tensor([ctx.tokens[-1]]), draft.tokens.cpu()])  # [B+1]
-            out = verifier.score(seq, inputs, draft.parents) if tree else verifier.score(seq, inputs)
+            out = verifier.score(seq, inputs, draft.parents if tree else None, capture)
 
             # 4. accept: the longest agreeing prefix (path of the tree) plus one token of the verifier's own
             if tree:
@@ -226,6 +220,22 @@ def speculative_decode(
                 return
     finally:
         pool.free(seq)
+
+
+def check_prompt(prompt: list[int], max_context: int) -> None:
+    if not prompt:
+        raise UserError("empty prompt: give at least one token of text")
+    if len(prompt) >= max_context:
+        raise UserError(
+            f"prompt of {len(prompt)} tokens does not fit the verifier's context window of "
+            f"{max_context}: shorten the prompt"
+        )
+
+
+def request_tokens(prompt_tokens: int, cfg: LoopConfig, max_context: int) -> int:
+    """Positions a request may hold in the pool at worst: its prompt and new tokens (at most the context
+    window), plus one verify pass past them (a block or a tree)."""
+    return min(prompt_tokens + cfg.max_new_tokens, max_context) + max(cfg.block_size, cfg.tree)
 
 
 def seq_len_before(n: int, draft: Draft) -> int:

@@ -1,7 +1,9 @@
 """One pool of KV pages shared by the verifier and the drafter.
 
 A page holds P consecutive token positions of keys/values for every layer of every model
-registered with the pool. A sequence owns one block table (its list of page ids); the same
+registered with the pool. A sequence may be created with a promise of pages (its worst case):
+they stay held back for it while it grows into them, so a sequence admitted with its worst case
+never runs out of pages halfway, whatever the other sequences do. A sequence owns one block table (its list of page ids); the same
 page id holds the same positions for the verifier's layers and the drafter's layers, so a
 roll back frees a page for both models at once.
 
@@ -27,7 +29,14 @@ class Sequence:
     seq_id: int
     block_table: list[int] = field(default_factory=list)
     lengths: dict[str, int] = field(default_factory=dict)
+    promised: int = 0  # pages held back for this sequence at creation (its worst case), taken as it grows
+    pool: "PagePool | None" = field(default=None, repr=False, compare=False)  # the pool its pages are in
     _table_tensor: torch.Tensor | None = None
+
+    @property
+    def outstanding(self) -> int:
+        """Promised pages the sequence has not taken yet: no other sequence may take them."""
+        return max(0, self.promised - len(self.block_table))
 
     @property
     def length(self) -> int:
@@ -66,13 +75,27 @@ class PagePool:
     # -- sequences ------------------------------------------------------------------------
     @property
     def free_pages(self) -> int:
+        """Pages in no block table (some may be promised to running sequences)."""
         return len(self._free)
+
+    @property
+    def available_pages(self) -> int:
+        """Pages a new sequence may be promised: free and not promised to another."""
+        return len(self._free) - sum(s.outstanding for s in self._seqs.values())
 
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
 
-    def new_sequence(self) -> Sequence:
-        seq = Sequence(self._next_id, lengths={m: 0 for m in self.kv})
+    def new_sequence(self, max_tokens: int = 0) -> Sequence:
+        """A new sequence; with max_tokens, the pages for that many positions are promised to it now
+        (PagesExhausted if fewer are available), so it can always grow to max_tokens."""
+        need = self.pages_for(max_tokens)
+        if need > self.available_pages:
+            raise PagesExhausted(
+                f"KV pages exhausted: the request needs {need} pages of {self.page_size} tokens, "
+                f"{self.available_pages} of {self.num_pages} are available; raise --num-pages or shorten the request"
+            )
+        seq = Sequence(self._next_id, lengths={m: 0 for m in self.kv}, promised=need, pool=self)
         self._seqs[seq.seq_id] = seq
         self._next_id += 1
         return seq
@@ -81,12 +104,14 @@ class PagePool:
         return list(self._seqs.values())
 
     def check_fits(self, seq: Sequence, n_tokens: int) -> int:
-        """Pages seq still needs to cover n_tokens; raises PagesExhausted if the pool has fewer free."""
+        """Pages seq still needs to cover n_tokens; raises PagesExhausted if fewer are free that no other
+        sequence was promised."""
         need = self.pages_for(n_tokens) - len(seq.block_table)
-        if need > len(self._free):
+        usable = len(self._free) - sum(s.outstanding for s in self._seqs.values() if s is not seq)
+        if need > usable:
             raise PagesExhausted(
                 f"KV pages exhausted: sequence needs {need} more pages of {self.page_size} tokens, "
-                f"{len(self._free)} of {self.num_pages} are free; raise --num-pages or shorten the request"
+                f"{usable} of {self.num_pages} are free; raise --num-pages or shorten the request"
             )
         return need
 
@@ -129,6 +154,7 @@ class PagePool:
         seq.block_table = []
         seq._table_tensor = None
         seq.lengths = {m: 0 for m in seq.lengths}
+        seq.promised = 0
 
     def fork(self, seq: Sequence) -> Sequence:
         """A new sequence with a copy of seq's pages (for every model)."""

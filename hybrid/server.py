@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybrid.engine import Engine, GenerationConfig, tree_budget
+from hybrid.engine import Engine, GenerationConfig
 from hybrid.errors import PagesExhausted, UserError
 
 
@@ -79,6 +79,11 @@ class ChatRequest(CommonParams):
 
 class CompletionRequest(CommonParams):
     prompt: str | list[int]
+
+
+def too_large(need: int, num_pages: int) -> "APIError":
+    return APIError(400, f"request needs {need} KV pages at most, the server has {num_pages}: "
+                         "lower max_tokens or shorten the prompt", param="max_tokens")
 
 
 # -- the engine thread ------------------------------------------------------------------------
@@ -147,15 +152,13 @@ class EngineWorker:
                 self.waiting.popleft()
                 continue
             pool = self.engine.pool
-            draft = max(self.engine.drafter.max_block_size, tree_budget(job.cfg)) if self.engine.drafter else 0
-            need = pool.pages_for(len(job.prompt_ids) + job.cfg.max_new_tokens + draft)
+            need = self.engine.request_pages(len(job.prompt_ids), job.cfg)  # its worst case, promised at admission
             if need > pool.num_pages:
                 self.waiting.popleft()
-                job.emit(APIError(400, f"request needs {need} KV pages, the server has {pool.num_pages}: "
-                                       "lower max_tokens or shorten the prompt", param="max_tokens"))
+                job.emit(too_large(need, pool.num_pages))
                 continue
-            if need > pool.free_pages:
-                return  # wait, first in first out, until pages come back
+            if need > pool.available_pages:
+                return  # wait, first in first out, until running requests give their pages back
             self.waiting.popleft()
             job.stream = self.engine.stream(job.prompt_ids, job.cfg)
             self.active.append(job)
@@ -292,6 +295,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     async def run(request: Request, endpoint: str, prompt_ids: list[int], cfg: GenerationConfig, stream: bool,
                   chat: bool, include_usage: bool):
+        need = engine.request_pages(len(prompt_ids), cfg)
+        if need > engine.pool.num_pages:  # can never fit: refused now rather than after waiting in the queue
+            raise too_large(need, engine.pool.num_pages)
         loop = asyncio.get_running_loop()
         job = Job(prompt_ids, cfg, loop, asyncio.Queue())
         worker.submit(job)

@@ -51,10 +51,9 @@ def run_draft(v, d, tokens, block_size, steps):
     pool = PagePool(16, 4)
     v.attach(pool)
     d.attach(pool, v)
-    v.set_capture_layers(d.capture_layers)
     seq = pool.new_sequence()
     ctx = Context(tokens, seq)
-    d.observe(ctx, v.prefill(seq, torch.tensor(tokens[:-1])), 0)
+    d.observe(ctx, v.prefill(seq, torch.tensor(tokens[:-1]), d.capture_layers), 0)
     from hybrid.acceptance import SamplingParams
 
     return d.propose(ctx, block_size, steps, (SamplingParams(), None))
@@ -157,13 +156,12 @@ def test_draft_vocabulary_restricts_proposals_and_stays_lossless(tmp_path):
     v.attach(pool)
     d2.attach(pool, v)
     ctx = Context([5, 6, 7, 8], pool.new_sequence())
-    d2.observe(ctx, v.prefill(ctx.seq, torch.tensor(ctx.tokens[:-1])), 0)
+    d2.observe(ctx, v.prefill(ctx.seq, torch.tensor(ctx.tokens[:-1]), d2.capture_layers), 0)
     sampled = d2.propose(ctx, 6, 1, (SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)))
     assert set(sampled.tokens.tolist()) <= set(vocab.tolist())
     outside = torch.ones(sampled.q.shape[1], dtype=torch.bool)
     outside[vocab] = False
     assert (sampled.q[:, outside] == 0).all() and torch.allclose(sampled.q.sum(-1), torch.ones(6))
-    v.set_capture_layers([])
 
     ref = greedy_reference(v, [5, 40, 41, 42, 9], 24)
     r = Engine(v, DiffusionDrafter.load(tmp_path, v)).generate([5, 40, 41, 42, 9], GenerationConfig(

@@ -76,6 +76,28 @@ def test_free_returns_every_page_and_budget_is_enforced():
     assert pool.free_pages == 2
 
 
+def test_promised_pages_stay_held_for_their_sequence_while_it_grows():
+    """Two requests whose worst cases fit the pool only one at a time: the second is refused at creation, not
+    cut halfway, and a running sequence always gets the pages it was promised, even after rolling back."""
+    pool = make_pool(num_pages=12, page_size=4)
+    a = pool.new_sequence(max_tokens=36)  # 9 pages promised, none taken yet
+    assert pool.free_pages == 12 and pool.available_pages == 3
+    with pytest.raises(PagesExhausted, match="needs 9 pages"):
+        pool.new_sequence(max_tokens=36)
+    b = pool.new_sequence(max_tokens=12)  # 3 pages: what is left
+    pool.reserve(b, 12)
+    with pytest.raises(PagesExhausted):
+        pool.reserve(b, 13)  # past its promise: the free pages are a's
+    pool.reserve(a, 20)
+    pool.advance("a", a, 20)
+    assert pool.rollback(a, 4) == 16 and pool.available_pages == 0  # pages given back stay a's
+    pool.reserve(a, 36)
+    assert pool.free_pages == 0
+    pool.free(a)
+    assert pool.available_pages == 9
+    pool.new_sequence(max_tokens=36)
+
+
 def test_fork_copies_pages_bit_for_bit():
     pool = make_pool()
     seq = pool.new_sequence()

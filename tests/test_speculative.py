@@ -52,21 +52,30 @@ def test_greedy_output_equals_plain_greedy(family, drafter):
             assert engine.pool.free_pages == engine.pool.num_pages  # everything freed
 
 
-def test_engines_taking_turns_over_one_verifier_each_match_plain():
-    """Several engines over one verifier (the bench's variants), with pools of their own or one shared pool:
-    each activate()s before its turn and decodes exactly what the verifier alone would."""
+def test_engines_over_one_verifier_interleaved_round_by_round_each_match_plain():
+    """Several engines over one verifier (the bench's variants), with pools of their own or one shared pool,
+    their requests interleaved round by round: each decodes exactly what the verifier alone would."""
     v = make_verifier("qwen3")
     ref = greedy_reference(v, PROMPT, N)
     cfg = GenerationConfig(max_new_tokens=N, block_size=4, stop_on_eos=False)
     shared = Engine(v, small_diffusion(v), num_pages=16, page_size=8).pool
     engines = [Engine(v, None, num_pages=16, page_size=8), Engine(v, small_diffusion(v), num_pages=16, page_size=8),
                Engine(v, NgramDrafter(), pool=shared), Engine(v, small_diffusion(v), pool=shared)]
-    for _ in range(2):
-        for e in engines:
-            e.activate()
-            assert v.pool is e.pool and v.capture_layers == (e.drafter.capture_layers if e.drafter else [])
-            assert e.generate(PROMPT, cfg).token_ids == ref
-            assert e.pool.free_pages == e.pool.num_pages
+    streams = [e.stream(PROMPT, cfg) for e in engines]
+    tokens = [[] for _ in engines]
+    while streams:
+        for i, s in enumerate(streams):
+            if s is None:
+                continue
+            ev = next(s, None)
+            if ev is None:
+                streams[i] = None
+            else:
+                tokens[i] += ev.tokens
+        if all(s is None for s in streams):
+            break
+    assert tokens == [ref] * len(engines)
+    assert all(e.pool.free_pages == e.pool.num_pages for e in engines)
 
 
 def test_drafter_equal_to_verifier_accepts_every_token():
@@ -159,6 +168,23 @@ def test_stop_strings_cut_text_and_stream_matches_final_text(tok):
     r = engine.generate("abc", GenerationConfig(max_new_tokens=30, stop=[stop], stop_on_eos=False), on_text=streamed.append)
     assert r.text == full.text[: full.text.index(stop)] and r.finish_reason == "stop"
     assert "".join(streamed) == r.text
+
+
+def test_stop_string_cuts_token_ids_where_plain_decoding_stops():
+    """A round that commits several tokens and completes a stop string keeps only the tokens up to the one that
+    completed it: token ids, counts and text are plain decoding's."""
+    v = make_verifier("qwen3")
+    plain, spec = Engine(v, None, num_pages=16, page_size=8), Engine(v, CausalDrafter(make_verifier("qwen3", seed=0)),
+                                                                     num_pages=16, page_size=8)
+    full = plain.generate(PROMPT, GenerationConfig(max_new_tokens=30, stop_on_eos=False))
+    for at in (3, 9, 14):
+        stop = v.tokenizer.decode(full.token_ids[at : at + 2])  # completed by token at + 1, mid-round for spec
+        cfg = GenerationConfig(max_new_tokens=30, block_size=8, stop=[stop], stop_on_eos=False, lookup=0)
+        a, b = plain.generate(PROMPT, cfg), spec.generate(PROMPT, cfg)
+        assert b.rounds < a.rounds  # the speculative rounds commit several tokens each
+        assert b.token_ids == a.token_ids and b.new_tokens == a.new_tokens == len(a.token_ids)
+        assert b.text == a.text and a.finish_reason == b.finish_reason == "stop"
+        assert a.token_ids == full.token_ids[: len(a.token_ids)] and len(a.token_ids) <= at + 2
 
 
 def test_same_seed_reproduces_sampled_output():

@@ -225,7 +225,6 @@ class DiffusionDrafter:
         self.max_block_size = config.block_size
         self.max_steps = config.max_steps
         self.capture_layers = sorted(config.target_layer_ids)
-        self.pool = None
         self.embed = None
         self.head = None
         # Draft vocabulary: sorted token ids [V'] the drafter proposes from (None: all V). Its rows of the
@@ -331,7 +330,6 @@ class DiffusionDrafter:
             self.bind(verifier)
         c = self.config
         pool.register(MODEL_NAME, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, verifier.dtype)
-        self.pool = pool
 
     @torch.inference_mode()
     def observe(self, ctx: Context, hidden: torch.Tensor | None, start: int) -> None:
@@ -341,17 +339,18 @@ class DiffusionDrafter:
         m = hidden.shape[0]
         positions = torch.arange(start, start + m, device=hidden.device)
         feats = self.model.context(hidden.to(self.model.fc.weight.dtype))  # [m, H]
-        self.pool.reserve(ctx.seq, start + m)
+        pool = ctx.seq.pool
+        pool.reserve(ctx.seq, start + m)
         for i, (k, v) in enumerate(self.model.context_kv(feats, positions)):
-            self.pool.write(MODEL_NAME, i, ctx.seq, start, k, v)
-        self.pool.advance(MODEL_NAME, ctx.seq, start + m)
+            pool.write(MODEL_NAME, i, ctx.seq, start, k, v)
+        pool.advance(MODEL_NAME, ctx.seq, start + m)
 
     def _block(self, ctx: Context, block_size: int):
         """The masked block after the last committed token -> (ids [B+1], positions [B+1], context K/V per layer)."""
         c, seq = self.config, ctx.seq
         n = len(ctx.tokens)
         n_ctx = seq.lengths[MODEL_NAME]  # context positions with K/V: [0, n_ctx), n_ctx == n - 1
-        ctx_kv = [self.pool.gather(MODEL_NAME, i, seq, n_ctx) for i in range(c.num_hidden_layers)]
+        ctx_kv = [seq.pool.gather(MODEL_NAME, i, seq, n_ctx) for i in range(c.num_hidden_layers)]
         device = self.model.fc.weight.device
         ids = torch.full((block_size + 1,), c.mask_token_id, dtype=torch.long, device=device)  # [B+1]
         ids[0] = ctx.tokens[-1]

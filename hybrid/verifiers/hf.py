@@ -22,7 +22,7 @@ MODEL_NAME = "verifier"
 
 
 class PagedLayer(CacheLayerMixin):
-    """One decoder layer's keys/values, stored in pages of the shared pool."""
+    """One decoder layer's keys/values, stored in pages of the sequence's pool."""
 
     is_sliding = False
     is_compileable = False
@@ -40,8 +40,9 @@ class PagedLayer(CacheLayerMixin):
         # key_states, value_states [1, H, T, D] -> all keys/values of the sequence [1, H, start + T, D]
         c = self.cache
         T = key_states.shape[2]
-        c.pool.write(c.model, self.layer, c.seq, c.start, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        k, v = c.pool.gather(c.model, self.layer, c.seq, c.start + T)  # [S, H, D]
+        pool = c.seq.pool
+        pool.write(c.model, self.layer, c.seq, c.start, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        k, v = pool.gather(c.model, self.layer, c.seq, c.start + T)  # [S, H, D]
         return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -55,12 +56,10 @@ class PagedLayer(CacheLayerMixin):
 
 
 class PagedCache(Cache):
-    """A transformers Cache over one sequence of the page pool. Set ``seq`` and ``start`` before a forward."""
+    """A transformers Cache over one sequence's pages for one forward pass that writes from position `start`."""
 
-    def __init__(self, pool: PagePool, model: str, num_layers: int):
-        self.pool, self.model = pool, model
-        self.seq: Sequence | None = None
-        self.start = 0
+    def __init__(self, seq: Sequence, model: str, num_layers: int, start: int):
+        self.seq, self.model, self.start = seq, model, start
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
 
 
@@ -136,11 +135,6 @@ class HFVerifier:
         self.body = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        self.pool: PagePool | None = None
-        self.cache: PagedCache | None = None
-        self.capture_layers: list[int] = []
-        self._captured: dict[int, torch.Tensor] = {}
-        self._hooks = []
 
     @classmethod
     def from_pretrained(cls, spec: str, dtype="auto", device: str = "cpu") -> "HFVerifier":
@@ -155,40 +149,25 @@ class HFVerifier:
         return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads), head_dim
 
     def attach(self, pool: PagePool) -> None:
+        """Register this model's cache with a pool. The verifier keeps no state of its own between calls: each
+        forward pass reads and writes the pages of the sequence it is given, in that sequence's pool."""
         L, H, D = self.kv_shape()
         pool.register(self.name, L, H, D, self.dtype)
-        self.pool = pool
-        self.cache = PagedCache(pool, self.name, L)
-
-    def set_capture_layers(self, layer_ids: list[int]) -> None:
-        """Capture the outputs of these decoder layers (0-based) on every forward."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self.capture_layers = list(layer_ids)
-        for i in self.capture_layers:
-            if not 0 <= i < self.num_layers:
-                raise UserError(f"drafter wants verifier layer {i}, the verifier has {self.num_layers} layers")
-
-            def hook(_module, _args, output, i=i):
-                self._captured[i] = output[0] if isinstance(output, tuple) else output
-
-            self._hooks.append(self.body.layers[i].register_forward_hook(hook))
 
     # -- forward --------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, seq: Sequence, tokens: torch.Tensor,
-                 parents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None,
+                 capture: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run tokens [T] at the sequence's next T slots -> (last hidden [T, H], captured [T, n*H] or None).
 
         parents [T-1] (a draft tree, see hybrid.tree): row i sits at position start + depth(i) and attends
         to the context, its ancestors and itself; None: a chain at positions start .. start + T - 1.
+        capture: decoder layers (0-based) whose outputs are returned, concatenated (the drafter's inputs).
         """
-        assert self.pool is not None and self.cache is not None, "attach() the verifier to a page pool first"
+        pool = seq.pool
         start = seq.lengths[self.name]
         T = tokens.shape[0]
-        self.pool.reserve(seq, start + T)
-        self.cache.seq, self.cache.start = seq, start
+        pool.reserve(seq, start + T)
         mask = None
         if parents is None:
             positions = torch.arange(start, start + T, device=self.device).unsqueeze(0)  # [1, T]
@@ -196,33 +175,40 @@ class HFVerifier:
             positions = (start + torch.cat([torch.zeros(1, dtype=torch.long), depths(parents)])).to(self.device)[None]
             mask = torch.ones(1, 1, T, start + T, dtype=torch.bool, device=self.device)  # [1, 1, T, S+T] True: attend
             mask[0, 0, :, start:] = tree_mask(parents).to(self.device)
-        self._captured.clear()
-        out = self.body(
-            input_ids=tokens.to(self.device).unsqueeze(0), position_ids=positions, past_key_values=self.cache,
-            use_cache=True, attention_mask=mask,
-        )
-        self.pool.advance(self.name, seq, start + T)
+        captured: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i in capture:
+            if not 0 <= i < self.num_layers:
+                raise UserError(f"drafter wants verifier layer {i}, the verifier has {self.num_layers} layers")
+            hook = lambda _m, _a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)  # noqa: E731
+            hooks.append(self.body.layers[i].register_forward_hook(hook))
+        try:
+            out = self.body(
+                input_ids=tokens.to(self.device).unsqueeze(0), position_ids=positions, use_cache=True,
+                past_key_values=PagedCache(seq, self.name, self.num_layers, start), attention_mask=mask,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        pool.advance(self.name, seq, start + T)
         hidden = out.last_hidden_state[0]  # [T, H]
-        captured = None
-        if self.capture_layers:
-            captured = torch.cat([self._captured[i][0] for i in self.capture_layers], dim=-1)  # [T, n*H]
-        return hidden, captured
+        return hidden, torch.cat([captured[i][0] for i in capture], dim=-1) if capture else None  # [T, n*H]
 
-    def prefill(self, seq: Sequence, tokens: torch.Tensor) -> torch.Tensor | None:
+    def prefill(self, seq: Sequence, tokens: torch.Tensor, capture: list[int] = ()) -> torch.Tensor | None:
         if tokens.numel() == 0:
             return None
-        _, captured = self._forward(seq, tokens)
+        _, captured = self._forward(seq, tokens, capture=capture)
         return captured
 
-    def score(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> VerifyOutput:
-        hidden, captured = self._forward(seq, tokens, parents)
+    def score(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None,
+              capture: list[int] = ()) -> VerifyOutput:
+        hidden, captured = self._forward(seq, tokens, parents, capture)
         with torch.inference_mode():
             logits = self.head(hidden).float()  # [B+1, V]
         return VerifyOutput(logits=logits, hidden=captured)
 
     def rollback(self, seq: Sequence, n: int) -> int:
-        assert self.pool is not None
-        return self.pool.rollback(seq, n)
+        return seq.pool.rollback(seq, n)
 
     # -- tokenizer helpers ----------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
