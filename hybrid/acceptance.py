@@ -1,11 +1,28 @@
-"""Sampling parameters, logit warping, and lossless acceptance of a draft.
+"""Sampling parameters, logit warping, counter-based random numbers, and lossless acceptance of a draft.
 
-Acceptance follows Leviathan et al. / Chen et al. (arXiv 2211.17192, 2302.01318): draft token x_i
-(proposed from q_i) is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection
-the recovered token is sampled from norm(max(0, p_i - q_i)); if all B are accepted the bonus token is
-sampled from p_B. The committed tokens are then distributed exactly as sampling from p alone.
-A deterministic draft (q one-hot at x) is a valid proposal: accept with probability p(x), recover
-from p with x removed. Greedy (temperature 0) is the limit: accept while x_i == argmax p_i.
+Terms (../DESIGN.md): draft tokens x_1..x_B after the last committed token; the verifier's warped
+distributions p_1..p_{B+1}; accepted tokens (the leading draft tokens kept); the recovered token
+(the verifier's own token where a draft token is rejected) and the bonus token (after all B).
+
+Random numbers are counter-based: the uniform a request uses for a purpose at a sequence position is a
+hash of (seed, position, purpose) (`Noise`), not the next draw of a generator. So what a round draws
+does not depend on how many numbers earlier rounds drew, no generator is bound to a device, and a
+token's randomness is the same whatever block sizes, trees or draft sources the rounds used.
+
+Deterministic drafts (q one-hot: argmax drafts, trees, prompt-lookup copies). The verifier's token at
+position t is sampled first, y_t = F_t^{-1}(u_t) (inverse CDF of p_t with the uniform of position t),
+and the walk accepts a draft token iff it equals y_t (hybrid.tree, chains being trees whose parents are
+i - 1). A draft token x is then accepted with probability p(x) and the recovered token follows
+norm(p with x removed) = norm(max(0, p - q)): Leviathan et al.'s rule for a one-hot q, with one more
+property: every committed token is F_t^{-1}(u_t) of its own prefix, which is what plain sampling with
+the same seed commits. A seed therefore gives the same output as plain decoding, for any block size.
+
+Sampled drafts (q the drafter's distribution): Leviathan et al. / Chen et al. (arXiv 2211.17192,
+2302.01318): accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection sample the
+recovered token from norm(max(0, p_i - q_i)); if all B are accepted sample the bonus from p_{B+1}.
+q_i must be x_i's law given x_1..x_{i-1}, and which positions are verified must not depend on x_i.
+Committed tokens are distributed exactly as sampling from p alone; which ones a seed gives depends on
+the drafts. Greedy (temperature 0) is the limit: accept while x_i == argmax p_i.
 """
 from __future__ import annotations
 
@@ -53,9 +70,43 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of probs [N, V] -> [N]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+_MASK = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers whose outputs look independent."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+TOKEN, ACCEPT, RESIDUAL, DRAFT = range(4)  # what a uniform is for: the verifier's token, an accept test,
+# a recovered token after a rejection, a drafter's sampled token
+
+
+@dataclass(frozen=True)
+class Noise:
+    """A request's random numbers: uniform(position, purpose) in [0, 1), a function of the seed alone."""
+
+    seed: int
+
+    def uniform(self, position: int, purpose: int = TOKEN) -> float:
+        x = _mix(_mix(_mix(self.seed & _MASK) ^ position) ^ purpose)
+        return (x >> 11) * 2.0**-53
+
+    def uniforms(self, positions, purpose: int = TOKEN) -> list[float]:
+        return [self.uniform(int(t), purpose) for t in positions]
+
+
+def sample(probs: torch.Tensor, u: list[float]) -> torch.Tensor:
+    """One token per row of probs [N, V] by inverse CDF with the uniforms u [N] -> [N] (never a zero-probability
+    token). On the probabilities' own device: no generator is involved."""
+    cdf = probs.float().cumsum(-1)  # [N, V]
+    x = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]  # [N, 1]
+    tok = torch.searchsorted(cdf, x, right=True)[:, 0]  # the first token whose cdf exceeds x
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # [N] the last token with mass (x rounding to 1)
+    return torch.minimum(tok, last)
 
 
 @dataclass
@@ -73,32 +124,19 @@ def accept_greedy(draft: torch.Tensor, logits: torch.Tensor) -> Acceptance:
     return Acceptance(n, int(target[n]))
 
 
-def accept_sampling(
-    draft: torch.Tensor,
-    q: torch.Tensor | None,
-    p: torch.Tensor,
-    generator: torch.Generator | None,
-) -> Acceptance:
-    """Lossless rejection sampling. draft [B]; q [B, V] or None (one-hot at draft); p [B+1, V] warped."""
+def accept_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor, noise: Noise, start: int) -> Acceptance:
+    """Rejection sampling of a sampled draft. draft [B] at sequence positions start .. start + B - 1; q [B, V]
+    the drafter's distributions it was drawn from; p [B+1, V] the verifier's, warped."""
     B = draft.numel()
     draft = draft.to(p.device)
     rows = torch.arange(B, device=p.device)
-    px = p[rows, draft]  # [B]
-    qx = q[rows, draft] if q is not None else torch.ones_like(px)  # [B]
-    u = torch.rand(B, generator=generator, device=p.device)  # [B]
+    px, qx = p[rows, draft], q.to(p.device)[rows, draft]  # [B]
+    u = torch.tensor(noise.uniforms(range(start, start + B), ACCEPT), dtype=p.dtype, device=p.device)  # [B]
     ok = (u * qx < px).int()  # u < p/q without dividing by q
     n = int(ok.cumprod(0).sum()) if B else 0
     if n == B:
-        return Acceptance(n, int(sample(p[B : B + 1], generator)[0]))
-    q_n = q[n] if q is not None else torch.nn.functional.one_hot(draft[n], p.shape[-1]).to(p.dtype)
-    residual = (p[n] - q_n).clamp_min(0)  # [V]
+        return Acceptance(n, int(sample(p[B : B + 1], [noise.uniform(start + B, TOKEN)])[0]))
+    residual = (p[n] - q[n].to(p.device)).clamp_min(0)  # [V]
     if residual.sum() <= 0:  # p == q: rejection has probability 0; guard rounding
         residual = p[n]
-    return Acceptance(n, int(sample((residual / residual.sum()).unsqueeze(0), generator)[0]))
-
-
-def accept(draft, q, logits, params: SamplingParams, generator) -> Acceptance:
-    """Greedy or sampling acceptance of draft [B] against verifier logits [B+1, V]."""
-    if params.greedy:
-        return accept_greedy(draft, logits)
-    return accept_sampling(draft, q, warp(logits, params), generator)
+    return Acceptance(n, int(sample(residual[None], [noise.uniform(start + n, RESIDUAL)])[0]))

@@ -135,8 +135,10 @@ class Generation:
         return next(self.events)
 
     def close(self) -> None:
-        self.events.close()
-        self.pool.free(self.seq)  # also when the stream never started (a generator's finally would not run)
+        try:
+            self.events.close()
+        finally:
+            self.pool.free(self.seq)  # also when the stream never started (a generator's finally would not run)
 
 
 class Engine:
@@ -220,7 +222,7 @@ class Engine:
             stop_on_eos=cfg.stop_on_eos,
             lookup=0 if isinstance(self.drafter, NgramDrafter) else cfg.lookup,  # the n-gram drafter is a lookup already
             lookup_block=min(block, LoopConfig.lookup_block),  # lookup drafts: no longer than asked
-            tree=tree_budget(cfg),
+            tree=tree_budget(cfg) if self.drafter is not None else 0,
         )
 
     def request_pages(self, prompt_tokens: int, cfg: GenerationConfig) -> int:

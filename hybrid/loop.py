@@ -6,18 +6,19 @@ features; the last committed token is the first input of the next verify pass.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import torch
 
-from hybrid.acceptance import Acceptance, SamplingParams, accept
+from hybrid.acceptance import Acceptance, Noise, SamplingParams, accept_sampling, warp
 from hybrid.drafters.base import Context, Draft, Drafter
 from hybrid.drafters.ngram import find_suffix, follow
 from hybrid.errors import UserError
 from hybrid.pages import PagePool, Sequence
-from hybrid.tree import accept_tree, depths
+from hybrid.tree import accept_tree, chain_parents, depths
 
 
 @dataclass
@@ -116,10 +117,8 @@ def speculative_decode(
     """
     check_prompt(prompt, verifier.max_context)
     schedule = schedule or FixedSchedule(cfg.block_size, cfg.steps)
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    noise = None if params.greedy else Noise(params.seed if params.seed is not None else random.getrandbits(64))
+    sampler = (params, noise)
     if seq is None:  # the whole request must fit the pool, or it is refused now
         seq = pool.new_sequence(request_tokens(len(prompt), cfg, verifier.max_context))
     ctx = Context(tokens=list(prompt), seq=seq)
@@ -153,10 +152,10 @@ def speculative_decode(
             if copied:
                 draft = Draft(torch.tensor(copied, dtype=torch.long))  # deterministic: q one-hot, no confidence
             elif drafter is not None and block_size > 0 and cfg.tree and hasattr(drafter, "propose_tree"):
-                draft = drafter.propose_tree(ctx, block_size, max(cfg.tree, block_size), (params, generator))
+                draft = drafter.propose_tree(ctx, block_size, max(cfg.tree, block_size), sampler)
                 steps = 1
             elif drafter is not None and block_size > 0:
-                draft = drafter.propose(ctx, block_size, steps, (params, generator))
+                draft = drafter.propose(ctx, block_size, steps, sampler)
             _sync(verifier.device)
             t1 = time.perf_counter()
             tree = draft.parents is not None
@@ -174,11 +173,12 @@ def speculative_decode(
             out = verifier.score(seq, inputs, draft.parents if tree else None, capture)
 
             # 4. accept: the longest agreeing prefix (path of the tree) plus one token of the verifier's own
-            if tree:
-                walk = accept_tree(draft.tokens, draft.parents, out.logits, params, generator)
+            if draft.q is None:  # a deterministic proposal: the verifier's token first, then matched (chains too)
+                parents = draft.parents if tree else chain_parents(draft.size)
+                walk = accept_tree(draft.tokens, parents, out.logits, params, noise, n)
                 acc, path = Acceptance(len(walk.path), walk.bonus), walk.path  # path: accepted rows of the pass
-            else:
-                acc = accept(draft.tokens, draft.q, out.logits, params, generator)
+            else:  # a sampled chain: rejection sampling against the drafter's q
+                acc = accept_sampling(draft.tokens, draft.q, warp(out.logits, params), noise, n)
                 path = list(range(1, acc.accepted + 1))
             _sync(verifier.device)
             t2 = time.perf_counter()

@@ -10,11 +10,12 @@ Layout: row 0 of a verify pass is the last committed token (the root); node i (1
 ``tokens[i-1]``, sits at position ``n - 1 + depth[i-1]`` and attends to the context, its ancestors
 and itself (``tree_mask``). The verifier's logits at row r predict the token after row r's path.
 
-Acceptance walks from the root: at row r the verifier's token is its argmax (greedy) or a sample
-from its warped distribution (temperature > 0); if a child of r holds that token the walk moves to
-it, else that token is the bonus and the walk ends. Every node is a deterministic proposal (q
-one-hot), so sampling first and matching afterwards commits exactly what sampling from the verifier
-alone would: the output distribution is unchanged, as for a chain.
+Acceptance walks from the root: at row r the verifier's token is its argmax (greedy) or, at temperature
+> 0, the inverse-CDF sample of its warped distribution with the uniform of the position it predicts
+(hybrid.acceptance.Noise); if a child of r holds that token the walk moves to it, else that token is the
+bonus and the walk ends. Every node is a deterministic proposal (q one-hot), so sampling first and
+matching afterwards commits exactly what sampling from the verifier alone would: with the same seed,
+the same tokens as plain decoding. A chain is the tree whose parents are i - 1 (`chain_parents`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hybrid.acceptance import SamplingParams, sample, warp
+from hybrid.acceptance import Noise, SamplingParams, sample, warp
 
 
 @dataclass
@@ -97,18 +98,19 @@ class TreeAcceptance:
 
 
 def accept_tree(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> TreeAcceptance:
-    """Walk the tree along the verifier's tokens. tokens, parents [N]; logits [N+1, V] per row."""
+                noise: Noise | None, start: int = 0) -> TreeAcceptance:
+    """Walk the tree along the verifier's tokens. tokens, parents [N]; logits [N+1, V] per row; row 0 predicts
+    sequence position `start` (the first position after the committed tokens), a node at depth d position
+    start + d. noise: the request's random numbers (None: greedy)."""
     children: dict[int, dict[int, int]] = {}
     for i, (t, p) in enumerate(zip(tokens.tolist(), parents.tolist()), start=1):
         children.setdefault(p, {}).setdefault(t, i)
-    probs = None if params.greedy else warp(logits, params)  # [N+1, V]
     path, row = [], 0
     while True:
-        if probs is None:
+        if params.greedy:
             x = int(logits[row].argmax())
         else:
-            x = int(sample(probs[row : row + 1], generator)[0])
+            x = int(sample(warp(logits[row : row + 1], params), [noise.uniform(start + len(path))])[0])
         nxt = children.get(row, {}).get(x)
         if nxt is None:
             return TreeAcceptance(path, x)

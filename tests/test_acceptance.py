@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+from scipy.stats import chisquare, kstest
 
-import hybrid.acceptance as acc
-from hybrid.acceptance import Acceptance, SamplingParams, accept_greedy, accept_sampling, warp
+from hybrid.acceptance import (DRAFT, RESIDUAL, TOKEN, Acceptance, Noise, SamplingParams, accept_greedy,
+                               accept_sampling, sample, warp)
 from hybrid.errors import UserError
+from hybrid.tree import accept_tree, chain_parents
 
 
 def one_hot_logits(targets, V=6):
@@ -45,20 +46,27 @@ def test_bad_sampling_params_are_user_errors(kw):
 
 P = torch.tensor([[0.05, 0.40, 0.30, 0.15, 0.10], [0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1, 0.6]])
 Q = torch.tensor([[0.60, 0.05, 0.05, 0.20, 0.10], [0.5, 0.1, 0.1, 0.1, 0.2]])  # a deliberately poor drafter
+T1 = SamplingParams(temperature=1.0)
 
 
-def first_token_counts(rule, n=20000, deterministic=False, seed=0):
-    """Sample a draft from Q (or take its argmax), accept with `rule`; count the first committed token."""
-    g = torch.Generator().manual_seed(seed)
+def sampled_rule(draft, noise):
+    return accept_sampling(draft, Q, P, noise, 0)
+
+
+def deterministic_rule(draft, noise):
+    """A one-hot q: the verifier's token sampled first, then matched (the walk of hybrid.tree over a chain)."""
+    walk = accept_tree(draft, chain_parents(draft.numel()), P.log(), T1, noise, 0)
+    return Acceptance(len(walk.path), walk.bonus)
+
+
+def first_token_counts(rule, n=20000, deterministic=False):
+    """Draft from Q (or take its argmax), accept with `rule`; count the first committed token over n seeds."""
     counts = np.zeros(P.shape[1])
-    for _ in range(n):
-        if deterministic:
-            draft, q = Q.argmax(-1), None
-        else:
-            draft, q = torch.multinomial(Q, 1, generator=g)[:, 0], Q
-        a = rule(draft, q, P, g)
-        first = int(draft[0]) if a.accepted > 0 else a.bonus
-        counts[first] += 1
+    for seed in range(n):
+        noise = Noise(seed)
+        draft = Q.argmax(-1) if deterministic else sample(Q, noise.uniforms([0, 1], DRAFT))
+        a = rule(draft, noise)
+        counts[int(draft[0]) if a.accepted > 0 else a.bonus] += 1
     return counts
 
 
@@ -67,17 +75,17 @@ def expected(counts):
     return p0 / p0.sum() * counts.sum()
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_rejection_sampling_reproduces_the_verifier_distribution(deterministic):
-    counts = first_token_counts(accept_sampling, deterministic=deterministic)
+@pytest.mark.parametrize("rule, deterministic", [(sampled_rule, False), (deterministic_rule, True)])
+def test_acceptance_reproduces_the_verifier_distribution(rule, deterministic):
+    counts = first_token_counts(rule, deterministic=deterministic)
     assert chisquare(counts, expected(counts)).pvalue > 1e-3
 
 
-def biased_accept(draft, q, p, g):
+def biased_accept(draft, noise):
     """A plausible bug: on rejection resample from p instead of norm(max(0, p - q))."""
-    a = accept_sampling(draft, q, p, g)
+    a = accept_sampling(draft, Q, P, noise, 0)
     if a.accepted < draft.numel():
-        return Acceptance(a.accepted, int(torch.multinomial(p[a.accepted], 1, generator=g)))
+        return Acceptance(a.accepted, int(sample(P[a.accepted : a.accepted + 1], [noise.uniform(0, RESIDUAL)])[0]))
     return a
 
 
@@ -87,12 +95,34 @@ def test_a_biased_acceptance_rule_fails_the_same_test():
 
 
 def test_identical_draft_and_target_accepts_everything():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        draft = torch.multinomial(P[:2], 1, generator=g)[:, 0]
-        assert accept_sampling(draft, P[:2], P, g).accepted == 2
+    for seed in range(200):
+        noise = Noise(seed)
+        draft = sample(P[:2], noise.uniforms([0, 1], DRAFT))
+        assert accept_sampling(draft, P[:2], P, noise, 0).accepted == 2
 
 
-def test_dispatch_uses_greedy_at_temperature_zero(monkeypatch):
-    monkeypatch.setattr(acc, "accept_sampling", lambda *a: pytest.fail("sampling path at temperature 0"))
-    assert acc.accept(torch.tensor([1]), None, one_hot_logits([1, 3]), SamplingParams(0.0), None) == Acceptance(1, 3)
+def test_inverse_cdf_sampling_is_exact_and_never_picks_a_zero_probability_token():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [0.0, 0.0, 1.0, 0.0]])
+    for u, expect in [(0.0, [0, 2]), (0.1, [0, 2]), (0.25, [2, 2]), (0.65, [2, 2]), (0.75, [3, 2]),
+                      (1 - 2**-53, [3, 2])]:
+        assert sample(probs, [u, u]).tolist() == expect, u
+    grid = [(i + 0.5) / 1000 for i in range(1000)]  # evenly spread uniforms give each token its share
+    counts = torch.bincount(sample(probs[:1].expand(1000, 4), grid), minlength=4)
+    assert counts.tolist() == [200, 0, 500, 300]
+
+
+def test_noise_is_a_function_of_seed_position_and_purpose_and_looks_uniform():
+    a, b = Noise(1), Noise(2)
+    assert a.uniform(7, TOKEN) == Noise(1).uniform(7, TOKEN)
+    u = np.array(a.uniforms(range(20000)))
+    assert ((0 <= u) & (u < 1)).all() and kstest(u, "uniform").pvalue > 1e-3
+    others = [np.array(a.uniforms(range(20000), DRAFT)), np.array(b.uniforms(range(20000))),
+              np.array(a.uniforms(range(1, 20001)))]
+    for v in others:  # another purpose, seed or position: unrelated numbers
+        assert abs(np.corrcoef(u, v)[0, 1]) < 0.03
+
+
+def test_greedy_walk_at_temperature_zero_is_the_argmax_rule():
+    draft, logits = torch.tensor([1, 2, 3]), one_hot_logits([1, 2, 0, 4])
+    walk = accept_tree(draft, chain_parents(3), logits, SamplingParams(0.0), None)
+    assert Acceptance(len(walk.path), walk.bonus) == accept_greedy(draft, logits) == Acceptance(2, 0)

@@ -134,7 +134,7 @@ def test_draft_vocabulary_restricts_proposals_and_stays_lossless(tmp_path):
     q is zero elsewhere and sums to 1), survives save/load, and greedy decoding with it is plain greedy."""
     from conftest import greedy_reference
 
-    from hybrid.acceptance import SamplingParams
+    from hybrid.acceptance import Noise, SamplingParams
     from hybrid.engine import Engine, GenerationConfig
 
     v = make_verifier("qwen3")
@@ -157,7 +157,7 @@ def test_draft_vocabulary_restricts_proposals_and_stays_lossless(tmp_path):
     d2.attach(pool, v)
     ctx = Context([5, 6, 7, 8], pool.new_sequence())
     d2.observe(ctx, v.prefill(ctx.seq, torch.tensor(ctx.tokens[:-1]), d2.capture_layers), 0)
-    sampled = d2.propose(ctx, 6, 1, (SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)))
+    sampled = d2.propose(ctx, 6, 1, (SamplingParams(temperature=1.0), Noise(0)))
     assert set(sampled.tokens.tolist()) <= set(vocab.tolist())
     outside = torch.ones(sampled.q.shape[1], dtype=torch.bool)
     outside[vocab] = False

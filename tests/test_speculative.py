@@ -2,11 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
-import hybrid.loop as loop_mod
 from conftest import greedy_reference, make_verifier
-from hybrid.acceptance import Acceptance, accept_sampling, warp, SamplingParams
 from hybrid.drafters.causal import CausalDrafter
 from hybrid.drafters.diffusion import DiffusionDrafter
 from hybrid.drafters.ngram import NgramDrafter, find_suffix, lookup
@@ -194,81 +191,6 @@ def test_same_seed_reproduces_sampled_output():
     a, b = engine.generate(PROMPT, cfg), engine.generate(PROMPT, cfg)
     c = engine.generate(PROMPT, GenerationConfig(**{**cfg.__dict__, "seed": 4}))
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
-
-
-# -- sampling end to end: the distribution of the first two tokens matches the verifier's ----------
-V_SMALL = 6
-SAMPLES = 600
-
-
-def exact_two_token_distribution(v, prompt, temperature):
-    """p(t1, t2 | prompt) computed from the verifier alone -> [V, V]."""
-    model = v.model
-    with torch.no_grad():
-        p1 = warp(model(torch.tensor([prompt])).logits[0, -1:], SamplingParams(temperature))[0]
-        inputs = torch.tensor([prompt + [t] for t in range(V_SMALL)])
-        p2 = warp(model(inputs).logits[:, -1], SamplingParams(temperature))
-    return (p1[:, None] * p2).double().numpy()
-
-
-def two_token_counts(engine, drafter_block, temperature, samples=SAMPLES, prompt=(1, 3, 4), lookup_rounds=None):
-    counts = np.zeros((V_SMALL, V_SMALL))
-    for seed in range(samples):
-        cfg = GenerationConfig(max_new_tokens=2, block_size=drafter_block, temperature=temperature, seed=seed,
-                               stop_on_eos=False)
-        r = engine.generate(list(prompt), cfg)
-        counts[r.token_ids[0], r.token_ids[1]] += 1
-        if lookup_rounds is not None:
-            lookup_rounds.append(r.lookup_rounds)
-    return counts
-
-
-def pvalue(counts, probs):
-    exp = probs.ravel() / probs.sum() * counts.sum()
-    obs = counts.ravel()
-    big = exp >= 5  # pool the rare cells
-    return chisquare(np.append(obs[big], obs[~big].sum()), np.append(exp[big], exp[~big].sum())).pvalue
-
-
-def tiny_vocab(seed):
-    return make_verifier("qwen3", seed=seed, vocab=V_SMALL, hidden=32, layers=2)
-
-
-@pytest.fixture(scope="module")
-def sampling_setup():
-    v = tiny_vocab(0)
-    v.eos_token_ids = set()
-    # a deliberately poor drafter: another random model, sampling from its own q
-    engine = Engine(v, CausalDrafter(tiny_vocab(11)), num_pages=8, page_size=4)
-    return v, engine, exact_two_token_distribution(v, [1, 3, 4], 1.0)
-
-
-def test_sampling_matches_verifier_distribution(sampling_setup):
-    v, engine, probs = sampling_setup
-    assert pvalue(two_token_counts(engine, 2, 1.0), probs) > 1e-3
-
-
-def test_sampling_with_prompt_lookup_matches_verifier_distribution(sampling_setup):
-    """A prompt that repeats itself: the first round's draft is copied by prompt lookup (one-hot q)."""
-    v, engine, _ = sampling_setup
-    prompt = [1, 3, 4, 1, 3, 4, 1, 3]
-    used = []
-    counts = two_token_counts(engine, 2, 1.0, prompt=prompt, lookup_rounds=used)
-    assert min(used) >= 1  # every sample's first round was a lookup
-    assert pvalue(counts, exact_two_token_distribution(v, prompt, 1.0)) > 1e-3
-
-
-def test_sampling_check_detects_biased_acceptance(sampling_setup, monkeypatch):
-    v, engine, probs = sampling_setup
-
-    def biased(draft, q, logits, params, generator):  # accept every draft token: the drafter's distribution leaks
-        if params.greedy or draft.numel() == 0:
-            return loop_mod.accept.__wrapped__(draft, q, logits, params, generator)
-        return Acceptance(draft.numel(), int(torch.multinomial(warp(logits, params)[-1], 1, generator=generator)))
-
-    biased.__wrapped__ = loop_mod.accept
-    monkeypatch.setattr(loop_mod, "accept", biased)
-    assert pvalue(two_token_counts(engine, 2, 1.0, samples=300), probs) < 1e-6
 
 
 def generate_auto(drafter_seed: int, draft_s, verify_s):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import greedy_reference, make_verifier
-from hybrid.acceptance import SamplingParams
+from hybrid.acceptance import Noise, SamplingParams
 from hybrid.drafters.base import Draft
 from hybrid.drafters.diffusion import DiffusionDrafter
 from hybrid.engine import Engine, GenerationConfig
@@ -67,8 +67,7 @@ def test_accept_tree_samples_then_matches():
     logits = torch.full((3, 10), -30.0)
     logits[0, 8] = 30.0  # the verifier's distribution at the root: all mass on 8
     logits[2, 3] = 30.0
-    g = torch.Generator().manual_seed(0)
-    a = accept_tree(tokens, parents, logits, SamplingParams(temperature=1.0), g)
+    a = accept_tree(tokens, parents, logits, SamplingParams(temperature=1.0), Noise(0), start=5)
     assert a.path == [2] and a.bonus == 3
 
 
@@ -148,7 +147,7 @@ def test_diffusion_tree_holds_its_chain_and_runners_up():
     from hybrid.drafters.base import Context
 
     ctx = Context(tokens=list(PROMPT), seq=seq)
-    d.observe(ctx, v.prefill(seq, torch.tensor(PROMPT[:-1])), 0)
+    d.observe(ctx, v.prefill(seq, torch.tensor(PROMPT[:-1]), d.capture_layers), 0)
     chain = d.propose(ctx, 4, 1, (GREEDY, None))
     tree = d.propose_tree(ctx, 4, 10, (GREEDY, None))
     assert tree.size == 10 and int(depths(tree.parents).max()) <= 4
@@ -168,41 +167,3 @@ def test_tree_option_is_checked_and_auto_means_trees_only_with_block_size_auto()
             Engine.check_basic(GenerationConfig(tree=bad))
     assert tree_budget(GenerationConfig()) == AUTO_TREE and tree_budget(GenerationConfig(block_size=4)) == 0
     assert tree_budget(GenerationConfig(block_size=4, tree=6)) == 6 and tree_budget(GenerationConfig(tree=0)) == 0
-
-
-def tree_sampling_pvalue(samples: int) -> float:
-    """Temperature 1 with draft trees (a tree-drafting drafter on a 6-token vocabulary, every token a candidate
-    at each position): p-value of the first two tokens against the verifier's own distribution."""
-    from test_speculative import V_SMALL, exact_two_token_distribution, pvalue, tiny_vocab
-
-    v = tiny_vocab(0)
-    v.eos_token_ids = set()
-    torch.manual_seed(2)
-    drafter = DiffusionDrafter.for_verifier(v, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                            head_dim=8, intermediate_size=32)
-    engine = Engine(v, drafter, num_pages=8, page_size=4)
-    counts, trees = torch.zeros(V_SMALL, V_SMALL), 0
-    for seed in range(samples):
-        r = engine.generate([1, 3, 4], GenerationConfig(max_new_tokens=2, block_size=2, tree=6, temperature=1.0,
-                                                        seed=seed, stop_on_eos=False, lookup=0))
-        counts[r.token_ids[0], r.token_ids[1]] += 1
-        trees += sum(r.tree_sizes.values())
-    assert trees >= samples  # every sample's first round verified a tree
-    return pvalue(counts.numpy(), exact_two_token_distribution(v, [1, 3, 4], 1.0))
-
-
-def test_sampling_through_trees_matches_verifier_distribution():
-    assert tree_sampling_pvalue(600) > 1e-3
-
-
-def test_tree_sampling_check_detects_a_biased_walk(monkeypatch):
-    """Taking the first child at the root whatever the verifier samples leaks the drafter's choice: detected."""
-    import hybrid.loop as loop_mod
-    from hybrid.tree import TreeAcceptance
-
-    def biased(tokens, parents, logits, params, generator):
-        bonus = int(torch.multinomial(logits[1].softmax(-1), 1, generator=generator))
-        return TreeAcceptance([1], bonus)  # the drafter's first token, always
-
-    monkeypatch.setattr(loop_mod, "accept_tree", biased)
-    assert tree_sampling_pvalue(300) < 1e-6

@@ -13,7 +13,10 @@ from hybrid.pages import PagePool, Sequence
 class Draft:
     tokens: torch.Tensor  # [B] int64; B may be shorter than asked (0: nothing to propose)
     q: torch.Tensor | None = None  # [B, V] proposal probabilities; None: deterministic (one-hot at tokens)
-    conf: torch.Tensor | None = None  # [B] the drafter's probability of each drafted token; None: unknown
+    # [B] the drafter's confidence in each position (its probability of the drafted token, for a deterministic
+    # draft); None: unknown. It decides how much of the draft is verified, so for a sampled draft (q set) it must
+    # not depend on the draft's own random choices (whether x_i is verified must not depend on x_i).
+    conf: torch.Tensor | None = None
     parents: torch.Tensor | None = None  # [B] a tree (hybrid.tree): each token's parent row (0: the last committed
     # token); None: a chain. Tree tokens are deterministic proposals (q None); conf is each node's own probability.
 
@@ -51,7 +54,9 @@ class Drafter(Protocol):
         """Committed context positions [start, start + m) with the verifier's captured hidden states [m, n*H]."""
 
     def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
-        """Draft up to block_size tokens following ctx.tokens in `steps` denoising steps."""
+        """Draft up to block_size tokens following ctx.tokens in `steps` denoising steps. sampler: (SamplingParams,
+        Noise or None); a drafter that samples draws the token of sequence position t with Noise.uniform(t, DRAFT)
+        and returns its q."""
 
     # Optional: drafters that give a distribution per block position may also offer
     # propose_tree(ctx, block_size, budget, sampler) -> Draft with parents set: a tree of at most `budget`

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hybrid.acceptance import sample, warp
+from hybrid.acceptance import DRAFT, sample, warp
 from hybrid.drafters.base import Context, Draft
 from hybrid.errors import UserError
 from hybrid.tree import build_tree
@@ -359,33 +359,45 @@ class DiffusionDrafter:
 
     @torch.inference_mode()
     def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
-        params, generator = sampler
+        """Fill the block in `steps` denoising steps.
+
+        Argmax drafts (the default, and always at temperature 0) commit each step's most confident masked
+        positions (LLaDA's low-confidence remasking): the draft is a function of the context, so any order is
+        lossless. Sampled drafts (draft_sampling "sample") commit masked positions left to right instead, so
+        each token's q is its law given the tokens before it; an order by confidence would make a token depend
+        on tokens to its right, which its q does not account for. Their confidence, from which the coordinator
+        decides how much of the draft to verify, is the first pass's (the context's alone): the probability of
+        the sampled token would make whether position i is verified depend on x_i.
+        """
+        params, noise = sampler
         c = self.config
         ids, positions, ctx_kv = self._block(ctx, block_size)
         device = ids.device
+        n = len(ctx.tokens)  # draft position j (0-based) is sequence position n + j
         masked = torch.ones(block_size, dtype=torch.bool, device=device)  # [B]
-        q = None if params.greedy or c.draft_sampling == "argmax" else torch.zeros(block_size, self.head.weight.shape[0], device=device)
+        sampled = not params.greedy and c.draft_sampling == "sample"
+        q = torch.zeros(block_size, self.head.weight.shape[0], device=device) if sampled else None  # [B, V]
         vocab = None if self.draft_vocab is None else self.draft_vocab.to(device)  # [V']
-        confidence = torch.zeros(block_size, device=device)  # [B] each token's probability when it was committed
-        for k in unmask_schedule(block_size, steps):
+        confidence = torch.zeros(block_size, device=device)  # [B]
+        for step, k in enumerate(unmask_schedule(block_size, steps)):
             h = self.model(self.embed(ids), positions, ctx_kv)  # [B+1, H]
             logits = self.draft_logits(h[1:])  # [B, V'] (V' = V without a draft vocabulary)
-            if q is None:
-                probs = torch.softmax(logits, -1)
-                conf, tok = probs.max(-1)  # [B]
+            if not sampled:
+                conf, tok = torch.softmax(logits, -1).max(-1)  # [B]
+                pick = conf.masked_fill(~masked, -1.0).topk(k).indices  # the k most confident masked positions
+                confidence[pick] = conf[pick]
             else:
                 probs = warp(logits, params)  # [B, V']
-                tok = sample(probs, generator)  # [B]
-                conf = probs.gather(-1, tok[:, None])[:, 0]
-            conf = conf.masked_fill(~masked, -1.0)
-            pick = conf.topk(k).indices  # the k most confident masked positions
-            ids[1 + pick] = tok[pick] if vocab is None else vocab[tok[pick]]
-            confidence[pick] = conf[pick]
-            if q is not None:
+                if step == 0:
+                    confidence = probs.max(-1).values  # [B] from the context alone
+                pick = masked.nonzero()[:k, 0]  # the k leftmost masked positions
+                tok = torch.zeros(block_size, dtype=torch.long, device=device)
+                tok[pick] = sample(probs[pick], noise.uniforms((n + pick).tolist(), DRAFT))
                 if vocab is None:
                     q[pick] = probs[pick]
                 else:
                     q[pick[:, None], vocab[None]] = probs[pick]  # zero outside the draft vocabulary
+            ids[1 + pick] = tok[pick] if vocab is None else vocab[tok[pick]]
             masked[pick] = False
         return Draft(ids[1:].clone(), q, confidence.float().cpu())
 
