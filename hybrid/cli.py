@@ -121,6 +121,10 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
 @click.option("--gen-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="Who answers --prompts: transformers' generate, or vLLM (answers ~4x faster on a CPU; the hidden "
                    "states then take one transformers pass per answer: ~2x overall).")
+@click.option("--answers", default=None, metavar="FILE",
+              help="The pool of the verifier's answers to read and add to [default: data/answers/<verifier>-<gen-tokens>"
+                   ".jsonl.gz, committed with the repository].")
+@click.option("--answers-only", is_flag=True, help="Answer the --prompts the pool lacks, add them to it, and stop.")
 @click.option("--max-prompts", type=int, default=None, help="Use at most N of the --prompts (shuffled with --seed).")
 @click.option("--gen-batches", type=int, default=None,
               help="Answer at most N batches of prompts (a fixed order; cached answers of a longer run are reused).")
@@ -146,11 +150,12 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, answers, answers_only, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
     """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
     answers to prompts."""
-    from hybrid.drafters.train import TrainConfig, evaluate_engine, train
+    from hybrid.drafters.answers import pool_path
+    from hybrid.drafters.train import TrainConfig, evaluate_engine, fill_answers, train
 
     _quiet_transformers()
     cfg = TrainConfig(
@@ -160,7 +165,12 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
         intermediate_size=intermediate_size, dtype="bfloat16" if dtype == "auto" else dtype,
         eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch, gen_backend=gen_backend,
         max_prompts=max_prompts, gen_batches=gen_batches, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
+        answers=answers or str(pool_path(verifier, gen_tokens)),
     )
+    if answers_only:
+        n, added = fill_answers(cfg)
+        click.echo(f"{cfg.answers}: {n} answers ({added} new)")
+        return
     report = train(cfg)
     click.echo(f"held-out mean acceptance length (teacher forced, one step, block {block_size}): "
                f"{report['heldout_teacher_forced_tau']:.2f}")
@@ -243,12 +253,13 @@ def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_token
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 503.")
 @click.option("--max-prompt-tokens", type=int, default=4096, show_default=True)
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-body-bytes", type=int, default=4 << 20, show_default=True, help="Larger request bodies get 413.")
 @click.option("--num-pages", type=int, default=None, help="KV page budget shared by all requests.")
 @click.option("--page-size", type=int, default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @_dtype_option
 def serve(verifier, drafter, host, port, model_name, block_size, tree, max_concurrent, max_queue, max_prompt_tokens,
-          max_tokens, num_pages, page_size, device, dtype):
+          max_tokens, max_body_bytes, num_pages, page_size, device, dtype):
     """Serve the OpenAI API (chat and completions, streaming) on the embedded engine."""
     from hybrid.engine import Engine, GenerationConfig
     from hybrid.server import ServerConfig, serve as run_server
@@ -256,8 +267,9 @@ def serve(verifier, drafter, host, port, model_name, block_size, tree, max_concu
     Engine.check_basic(GenerationConfig(block_size=block_size, tree=tree))  # before any model loads
     _quiet_transformers()
     engine = Engine.load(verifier, drafter, _torch_dtype(dtype), device, num_pages=num_pages, page_size=page_size)
-    run_server(engine, host, port, ServerConfig(model_name, max_concurrent, max_queue, max_prompt_tokens, max_tokens,
-                                                block_size, tree))
+    run_server(engine, host, port, ServerConfig(
+        model_name=model_name, max_concurrent=max_concurrent, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens, block_size=block_size, tree=tree, max_body_bytes=max_body_bytes))
 
 
 @cli.command("export-vllm")
