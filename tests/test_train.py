@@ -1,7 +1,10 @@
 """`hybrid train-drafter` on a tiny verifier: learns, is deterministic with a seed, resumes exactly."""
+import gzip
 import json
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -209,3 +212,37 @@ def test_training_from_prompts_resumes_and_reports(tmp_path, model_dir):
     train(replace(c, prompts=[str(other)], out=str(tmp_path / "more"), init=str(tmp_path / "sd")), progress=False)
     assert not torch.equal(vocab("fresh"), vocab("sd"))
     assert torch.equal(vocab("more"), vocab("sd"))
+
+
+def test_answers_pool_is_filled_once_and_read_by_every_later_run(tmp_path, model_dir, monkeypatch):
+    """The verifier's answers go to one pool file (gzip JSONL, a member per addition): a later run in a fresh
+    folder trains on them without answering again, and --answers-only adds just the prompts it lacks."""
+    import hybrid.drafters.train as train_mod
+    from hybrid.drafters.answers import append_answers, read_answers
+    from hybrid.drafters.train import fill_answers
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"ab{i} cd", "category": "code", "chat": False}) + "\n"
+                               for i in range(6)))
+    pool = tmp_path / "pool" / "tiny-12.jsonl.gz"
+    c = TrainConfig(verifier=str(model_dir), corpus=[], prompts=[str(prompts)], out=str(tmp_path / "a"),
+                    block_size=4, holdout_chunks=2, anchors=4, steps=2, warmup=1, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                    dtype="float32", gen_tokens=12, gen_batch=4, loss_vocab=16, answers=str(pool))
+    assert fill_answers(c, progress=False) == (6, 6)
+    answers = read_answers(pool)
+    assert len(answers) == 6 and all(len(a) <= 12 for a in answers.values())
+    assert fill_answers(c, progress=False) == (6, 0)  # nothing new to answer
+    w = weights_after(c)
+    monkeypatch.setattr(train_mod, "generate_features", lambda *a, **k: pytest.fail("answered again"))
+    assert all(torch.equal(w[k], v) for k, v in weights_after(replace(c, out=str(tmp_path / "b"))).items())
+    with open(pool, "ab") as f:  # an interrupted append: a gzip member cut short
+        f.write(gzip.compress(b'{"prompt": [1, 2], "answer": [3]}\n')[:20])
+    assert read_answers(pool) == answers
+    append_answers(tmp_path / "plain.jsonl", [([1], [2, 3])])
+    assert read_answers(tmp_path / "plain.jsonl") == {(1,): [2, 3]}
+
+
+def weights_after(cfg):
+    train(cfg, progress=False)
+    return weights(Path(cfg.out))

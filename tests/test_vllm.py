@@ -316,7 +316,7 @@ def test_self_distillation_answers_from_vllm(models, tmp_path, monkeypatch):
         assert a["tokens"].tolist() == b["tokens"].tolist() and a["start"] == b["start"]
         assert a["pred"][a["start"]:].tolist() == b["pred"][b["start"]:].tolist()
         torch.testing.assert_close(a["hidden"], b["hidden"], atol=1e-2, rtol=1e-2)  # stored in bf16
-    answers = va.read_answers(tmp_path / "vllm" / "answers-12.jsonl")
+    answers = va.read_answers(tmp_path / "vllm" / "answers-12.jsonl.gz")
     assert sorted(answers) == sorted(tuple(p) for p in token_prompts)
 
     for f in (tmp_path / "vllm" / "generated").iterdir():

@@ -20,7 +20,9 @@ Many anchors per chunk are trained at once: every block attends to the chunk's c
 before its anchor and to its own rows (one boolean mask), like DFlash's training.
 
 Self-distillation (`--prompts FILE.jsonl`, DFlash's recipe). The verifier answers each prompt greedily
-(batched `generate`) and the hidden states of that same pass are kept: every target is then on-policy,
+(batched `generate`, or vLLM) and the answers join the pool committed under data/answers
+(hybrid.drafters.answers), so no run answers a prompt twice; the hidden states are kept from that same pass
+(or one verifier pass over a pooled answer): every target is then on-policy,
 the exact text the drafter will face at inference (chat answers, maths, translations), and no second
 featurising pass is needed. Anchors start at the prompt's last token (``start``).
 
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hybrid.drafters.answers import append_answers, read_answers
 from hybrid.drafters.diffusion import DiffusionDrafter
 from hybrid.errors import UserError
 
@@ -89,6 +92,8 @@ class TrainConfig:
     gen_backend: str = "hf"  # "hf": transformers' generate; "vllm": vLLM answers, then one transformers prefill each
     loss_vocab: int = 32768  # 0: full softmax
     init: str | None = None  # start from this drafter folder's weights
+    answers: str | None = None  # the answers pool file (None: one of this run's own, under out; the CLI's
+    # default is the committed pool, data/answers/<verifier>-<gen_tokens>.jsonl.gz)
     extra: dict = field(default_factory=dict)
 
 
@@ -174,10 +179,43 @@ def corpus_chunks(files: list[Path], tokenizer, seq_len: int, max_chunks: int, s
 def prompt_tokens(cfg: TrainConfig, verifier) -> list[list[int]]:
     """The self-distillation prompts, encoded as the verifier sees them (chat template unless "chat": false)."""
     from hybrid.bench import load_prompts
+    from hybrid.verifiers.hf import encode_prompt
 
     prompts = [p for f in cfg.prompts for p in load_prompts(f)]
     random.Random(cfg.seed).shuffle(prompts)
-    return [verifier.encode(p.prompt, p.chat) for p in prompts[: cfg.max_prompts]]
+    tokenizer = getattr(verifier, "tokenizer", verifier)  # a verifier, or just its tokenizer
+    return [encode_prompt(tokenizer, p.prompt, p.chat) for p in prompts[: cfg.max_prompts]]
+
+
+def fill_answers(cfg: TrainConfig, progress: bool = True) -> tuple[int, int]:
+    """Answer the prompts of cfg.prompts that the answers pool lacks and add them to it, without training
+    -> (answers in the pool, answers added)."""
+    from hybrid.demo import resolve_model
+    from hybrid.verifiers.hf import HFVerifier
+
+    if not cfg.prompts:
+        raise UserError("nothing to answer: give --prompts FILE.jsonl")
+    path = answers_file(cfg)
+    pool = read_answers(path)
+    before = len(pool)
+    if cfg.gen_backend == "vllm":
+        from transformers import AutoTokenizer
+
+        from hybrid.drafters.vllm_answers import answer_with_vllm
+
+        model = resolve_model(cfg.verifier)
+        prompts = prompt_tokens(cfg, AutoTokenizer.from_pretrained(model))
+        pool = answer_with_vllm(model, [p for p in prompts if tuple(p) not in pool], cfg.gen_tokens, cfg.dtype, path)
+        return len(pool), len(pool) - before
+    verifier = HFVerifier.from_pretrained(cfg.verifier, getattr(torch, cfg.dtype))
+    todo = sorted({tuple(p) for p in prompt_tokens(cfg, verifier)} - set(pool), key=len)
+    for i in range(0, len(todo), cfg.gen_batch):  # similar lengths together: little padding
+        batch = [list(p) for p in todo[i : i + cfg.gen_batch]]
+        feats = generate_features(verifier, [0], batch, cfg.gen_tokens)
+        append_answers(path, [(p, answer_of(f)) for p, f in zip(batch, feats)])
+        if progress:
+            print(f"answered {min(i + cfg.gen_batch, len(todo))}/{len(todo)}", flush=True)
+    return before + len(todo), len(todo)
 
 
 # -- features -------------------------------------------------------------------------------
@@ -274,6 +312,16 @@ def generate_features(verifier, layer_ids: list[int], prompts: list[list[int]], 
     return feats
 
 
+def answer_of(feat: dict) -> list[int]:
+    """The answer tokens of a self-distillation feature (everything after the prompt)."""
+    return feat["tokens"][feat["start"] + 1 :].tolist() + feat["pred"][-1:].tolist()
+
+
+def answers_file(cfg: TrainConfig) -> Path:
+    """The answers pool this run reads and adds to (hybrid.drafters.answers)."""
+    return Path(cfg.answers) if cfg.answers else Path(cfg.out) / f"answers-{cfg.gen_tokens}.jsonl.gz"
+
+
 def prompt_key(feat: dict) -> tuple[int, ...]:
     """The prompt a cached answer answers: its tokens through `start`."""
     return tuple(feat["tokens"][: feat["start"] + 1].tolist())
@@ -298,21 +346,26 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     batches = batches[: cfg.gen_batches]
     cached = load_feature_cache(cache)
     todo = [[i for i in batch if tuple(prompts[i]) not in cached] for batch in batches]
-    answers = None
-    if cfg.gen_backend == "vllm" and any(todo):
+    pool_file = answers_file(cfg)
+    pool = read_answers(pool_file)  # the verifier's answers from earlier runs, on any machine
+    if cfg.gen_backend == "vllm" and any(tuple(prompts[i]) not in pool for t in todo for i in t):
         from hybrid.demo import resolve_model
         from hybrid.drafters.vllm_answers import answer_with_vllm
 
-        answers = answer_with_vllm(resolve_model(cfg.verifier), [prompts[i] for t in todo for i in t], cfg.gen_tokens,
-                                   cfg.dtype, Path(cfg.out) / f"answers-{cfg.gen_tokens}.jsonl")
+        pool = answer_with_vllm(resolve_model(cfg.verifier), [prompts[i] for t in todo for i in t], cfg.gen_tokens,
+                                cfg.dtype, pool_file)
     bar = tqdm(total=sum(map(len, todo)), desc="verifier answers", unit="answer", disable=not progress or not any(todo))
     t0, done = time.perf_counter(), 0
     next_file = max((int(f.stem) + 1 for f in cache.glob("*.pt") if f.stem.isdigit()), default=0)
     for batch in filter(None, todo):
-        if answers is not None:  # answered by vLLM: one transformers pass per answer for the hidden states
-            got = [answer_features(verifier, layer_ids, prompts[i], answers[tuple(prompts[i])]) for i in batch]
-        else:
-            got = generate_features(verifier, layer_ids, [prompts[i] for i in batch], cfg.gen_tokens)
+        known = [i for i in batch if tuple(prompts[i]) in pool]  # answered before: one verifier pass each
+        got = [answer_features(verifier, layer_ids, prompts[i], pool[tuple(prompts[i])]) for i in known]
+        new = [i for i in batch if tuple(prompts[i]) not in pool]
+        if new:  # answered now by transformers' generate, whose pass gives the hidden states too
+            fresh = generate_features(verifier, layer_ids, [prompts[i] for i in new], cfg.gen_tokens)
+            append_answers(pool_file, [(prompts[i], answer_of(f)) for i, f in zip(new, fresh)])
+            pool.update((tuple(prompts[i]), answer_of(f)) for i, f in zip(new, fresh))
+            got += fresh
         torch.save(got, cache / f"{next_file:05d}.pt")
         next_file += 1
         cached.update((prompt_key(g), g) for g in got)

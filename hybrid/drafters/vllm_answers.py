@@ -9,8 +9,8 @@ Runs in a child process (vLLM holds its engine and threads for the life of a pro
     python -m hybrid.drafters.vllm_answers JOB.json ANSWERS.jsonl
 
 JOB: {"model": path, "dtype": "bfloat16", "new_tokens": N, "prompts": [[ids...], ...], "chunk": 256}.
-ANSWERS.jsonl gets one {"prompt": [ids], "answer": [ids]} line per prompt, appended chunk by chunk, so
-an interrupted run keeps what it answered; the answer ends with the first EOS when there is one.
+ANSWERS (the answers pool, hybrid.drafters.answers: .jsonl or .jsonl.gz) gets one {"prompt": [ids], "answer":
+[ids]} line per prompt, appended chunk by chunk, so an interrupted run keeps what it answered.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hybrid.drafters.answers import append_answers, read_answers
 from hybrid.errors import UserError
 
 
@@ -44,35 +45,21 @@ def main(job_path: str, out_path: str) -> None:
     for i in range(0, len(prompts), chunk):
         part = prompts[i: i + chunk]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in part], params, use_tqdm=False)
-        with open(out_path, "a") as f:
-            for p, o in zip(part, outs):
-                f.write(json.dumps({"prompt": p, "answer": list(o.outputs[0].token_ids)}) + "\n")
+        append_answers(Path(out_path), [(p, list(o.outputs[0].token_ids)) for p, o in zip(part, outs)])
         print(f"answered {min(i + chunk, len(prompts))}/{len(prompts)}", flush=True)
-
-
-def read_answers(path: Path) -> dict[tuple[int, ...], list[int]]:
-    """prompt ids -> answer ids of an answers file (a line cut short by an interrupted run is skipped)."""
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[tuple(d["prompt"])] = d["answer"]
-    return out
 
 
 def answer_with_vllm(model: str, prompts: list[list[int]], new_tokens: int, dtype: str,
                      path: Path) -> dict[tuple[int, ...], list[int]]:
-    """Greedy answers to `prompts` (token ids) from vLLM in a child process, cached in `path` (JSONL):
-    prompts answered there before are not answered again."""
+    """Greedy answers to `prompts` (token ids) from vLLM in a child process, added to the pool `path`: prompts
+    answered there before are not answered again."""
     have = read_answers(path)
     todo = list({tuple(p): list(p) for p in prompts if tuple(p) not in have}.values())
     if todo:
         if importlib.util.find_spec("vllm") is None:
             raise UserError("--gen-backend vllm needs vLLM: bash setup.sh --vllm (or use --gen-backend hf)")
-        job = path.with_suffix(".job.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        job = path.parent / (path.name.split(".")[0] + ".job.json")
         job.write_text(json.dumps({"model": model, "dtype": dtype, "new_tokens": new_tokens, "prompts": todo}))
         rc = subprocess.run([sys.executable, "-m", "hybrid.drafters.vllm_answers", str(job), str(path)]).returncode
         if rc != 0:
