@@ -118,9 +118,10 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
               help="JSONL prompt files (as for bench; repeatable): the verifier's own greedy answers (self-distillation).")
 @click.option("--gen-tokens", type=int, default=128, show_default=True, help="New tokens per answer to --prompts.")
 @click.option("--gen-batch", type=int, default=32, show_default=True, help="Answers generated at once.")
-@click.option("--gen-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+@click.option("--gen-backend", type=click.Choice(["hf", "vllm", "pool"]), default="hf", show_default=True,
               help="Who answers --prompts: transformers' generate, or vLLM (answers ~4x faster on a CPU; the hidden "
-                   "states then take one transformers pass per answer: ~2x overall).")
+                   "states then take one transformers pass per answer: ~2x overall); pool: nobody, a parallel drafter "
+                   "trains on the prompts the answers pool has answered.")
 @click.option("--answers", default=None, metavar="FILE",
               help="The pool of the verifier's answers to read and add to [default: data/answers/<verifier>-<gen-tokens>"
                    ".jsonl.gz, committed with the repository].")
@@ -131,6 +132,13 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
 @click.option("--loss-vocab", type=int, default=32768, show_default=True,
               help="Tokens in the training softmax: the verifier's most frequent predictions plus each batch's targets (0: all).")
 @click.option("--init", default=None, metavar="DRAFTER_DIR", help="Start from this drafter's weights (same architecture).")
+@click.option("--init-from", default=None, metavar="MODEL",
+              help="Adapt this pretrained causal LM of the verifier's family (e.g. demo:0.5b) into a parallel drafter "
+                   "(PARD: a block of mask tokens in one pass; LoRA) instead of training a diffusion drafter.")
+@click.option("--lora-rank", type=int, default=16, show_default=True, help="With --init-from: LoRA rank.")
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="With --init-from: LoRA alpha.")
+@click.option("--eval-every", type=int, default=50, show_default=True,
+              help="With --init-from: steps between points of the held-out learning curve (OUT/curve.jsonl).")
 @click.option("--out", required=True, help="Output drafter folder (checkpoints go there too).")
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--block-size", type=int, default=16, show_default=True)
@@ -150,7 +158,7 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, answers, answers_only, max_prompts, gen_batches, loss_vocab, init, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, answers, answers_only, max_prompts, gen_batches, loss_vocab, init, init_from, lora_rank, lora_alpha, eval_every, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
     """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
     answers to prompts."""
@@ -165,15 +173,16 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
         intermediate_size=intermediate_size, dtype="bfloat16" if dtype == "auto" else dtype,
         eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch, gen_backend=gen_backend,
         max_prompts=max_prompts, gen_batches=gen_batches, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
-        answers=answers or str(pool_path(verifier, gen_tokens)),
+        answers=answers or str(pool_path(verifier, gen_tokens)), init_from=init_from, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, eval_every=eval_every,
     )
     if answers_only:
         n, added = fill_answers(cfg)
         click.echo(f"{cfg.answers}: {n} answers ({added} new)")
         return
     report = train(cfg)
-    click.echo(f"held-out mean acceptance length (teacher forced, one step, block {block_size}): "
-               f"{report['heldout_teacher_forced_tau']:.2f}")
+    tau = report["heldout"]["tau"] if init_from else report["heldout_teacher_forced_tau"]
+    click.echo(f"held-out mean acceptance length (teacher forced, one pass, block {block_size}): {tau:.2f}")
     if eval_prompts:
         ev = evaluate_engine(cfg)
         click.echo(f"held-out mean acceptance length (engine, greedy, block {block_size}): {ev['mean_acceptance_length']:.2f} "

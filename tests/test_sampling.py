@@ -25,6 +25,7 @@ from hybrid.acceptance import DRAFT, RESIDUAL, Acceptance, SamplingParams, accep
 from hybrid.drafters.base import Draft
 from hybrid.drafters.causal import CausalDrafter
 from hybrid.drafters.diffusion import DiffusionDrafter, unmask_schedule
+from hybrid.drafters.parallel import ParallelConfig, ParallelDrafter
 from hybrid.engine import Engine, GenerationConfig
 from hybrid.loop import FixedSchedule
 from hybrid.tree import TreeAcceptance, build_tree
@@ -337,6 +338,9 @@ SAMPLED = {  # name: (engine, config, schedule, biased variant (object, attribut
                        (DiffusionDrafter, "propose", sampled_token_confidence_propose), 1200),
     "diffusion-model": (lambda v: Engine(v, small_diffusion(v, "sample"), num_pages=16, page_size=4),
                         dict(block_size=4, steps=3), None, None, 600),  # the real layers: no crafted bias to catch
+    "parallel": (lambda v: Engine(v, ParallelDrafter(tiny(0, perturb=0.2), ParallelConfig(
+                     base="", mask_token_id=v.tokenizer.mask_token_id, block_size=4, draft_sampling="sample")),
+                     num_pages=16, page_size=4), dict(block_size=4), None, None, 600),
 }
 
 

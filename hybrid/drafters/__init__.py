@@ -22,7 +22,7 @@ def shipped_drafter(verifier) -> Path | None:
 
 def load_drafter(spec: str | None, verifier, dtype="auto", device: str = "cpu"):
     """`auto` -> the shipped drafter for this verifier, else `ngram`; `none` -> None (plain decoding); `ngram`;
-    a block-diffusion drafter folder; a causal LM (id, folder, .gguf)."""
+    a block-diffusion drafter folder; a parallel drafter folder; a causal LM (id, folder, .gguf)."""
     if spec == "auto":
         shipped = shipped_drafter(verifier)
         spec = str(shipped) if shipped else "ngram"
@@ -35,6 +35,10 @@ def load_drafter(spec: str | None, verifier, dtype="auto", device: str = "cpu"):
     from hybrid.demo import resolve_model
 
     path = Path(resolve_model(spec)).expanduser()
+    from hybrid.drafters.parallel import CONFIG_FILE, ParallelDrafter
+
+    if (path / CONFIG_FILE).is_file():
+        return ParallelDrafter.load(path, verifier, dtype, device)
     cfg_file = path / "config.json"
     if cfg_file.is_file() and "hybrid_drafter" in json.loads(cfg_file.read_text()):
         from hybrid.drafters.diffusion import DiffusionDrafter

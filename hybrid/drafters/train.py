@@ -89,9 +89,14 @@ class TrainConfig:
     gen_batch: int = 32  # answers generated at once
     max_prompts: int | None = None
     gen_batches: int | None = None  # answer at most this many batches (the first ones of the fixed batch order)
-    gen_backend: str = "hf"  # "hf": transformers' generate; "vllm": vLLM answers, then one transformers prefill each
+    gen_backend: str = "hf"  # "hf": transformers' generate; "vllm": vLLM answers, then one transformers prefill each;
+    # "pool": only the prompts the answers pool has answered (a parallel drafter)
     loss_vocab: int = 32768  # 0: full softmax
     init: str | None = None  # start from this drafter folder's weights
+    init_from: str | None = None  # a pretrained causal LM to adapt into a parallel drafter (hybrid.drafters.parallel)
+    lora_rank: int = 16  # with init_from: LoRA rank and alpha over its linear layers
+    lora_alpha: float = 32.0
+    eval_every: int = 50  # with init_from: steps between points of the held-out learning curve
     answers: str | None = None  # the answers pool file (None: one of this run's own, under out; the CLI's
     # default is the committed pool, data/answers/<verifier>-<gen_tokens>.jsonl.gz)
     extra: dict = field(default_factory=dict)
@@ -187,6 +192,15 @@ def prompt_tokens(cfg: TrainConfig, verifier) -> list[list[int]]:
     return [encode_prompt(tokenizer, p.prompt, p.chat) for p in prompts[: cfg.max_prompts]]
 
 
+def verifier_tokenizer(spec: str):
+    """The verifier's tokenizer alone (prompts can be encoded without loading the model)."""
+    from transformers import AutoTokenizer
+
+    from hybrid.demo import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(spec))
+
+
 def fill_answers(cfg: TrainConfig, progress: bool = True) -> tuple[int, int]:
     """Answer the prompts of cfg.prompts that the answers pool lacks and add them to it, without training
     -> (answers in the pool, answers added)."""
@@ -198,17 +212,15 @@ def fill_answers(cfg: TrainConfig, progress: bool = True) -> tuple[int, int]:
     path = answers_file(cfg)
     pool = read_answers(path)
     before = len(pool)
+    todo = sorted({tuple(p) for p in prompt_tokens(cfg, verifier_tokenizer(cfg.verifier))} - set(pool), key=len)
+    if not todo or cfg.gen_backend == "pool":  # "pool": train on the answers there are, answer nothing
+        return before, 0
     if cfg.gen_backend == "vllm":
-        from transformers import AutoTokenizer
-
         from hybrid.drafters.vllm_answers import answer_with_vllm
 
-        model = resolve_model(cfg.verifier)
-        prompts = prompt_tokens(cfg, AutoTokenizer.from_pretrained(model))
-        pool = answer_with_vllm(model, [p for p in prompts if tuple(p) not in pool], cfg.gen_tokens, cfg.dtype, path)
+        pool = answer_with_vllm(resolve_model(cfg.verifier), [list(p) for p in todo], cfg.gen_tokens, cfg.dtype, path)
         return len(pool), len(pool) - before
     verifier = HFVerifier.from_pretrained(cfg.verifier, getattr(torch, cfg.dtype))
-    todo = sorted({tuple(p) for p in prompt_tokens(cfg, verifier)} - set(pool), key=len)
     for i in range(0, len(todo), cfg.gen_batch):  # similar lengths together: little padding
         batch = [list(p) for p in todo[i : i + cfg.gen_batch]]
         feats = generate_features(verifier, [0], batch, cfg.gen_tokens)
@@ -488,6 +500,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     from hybrid.verifiers.hf import HFVerifier
 
+    if cfg.init_from:
+        from hybrid.drafters.parallel_train import train_parallel
+
+        return train_parallel(cfg, progress)
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -628,7 +645,9 @@ def evaluate_engine(cfg: TrainConfig) -> dict:
     gen = GenerationConfig(max_new_tokens=cfg.eval_tokens, block_size=cfg.block_size, stop_on_eos=False)
     plain = Engine(verifier, None)
     ref = [plain.generate(p, gen).token_ids for p in prompts]
-    engine = Engine(verifier, DiffusionDrafter.load(cfg.out, verifier))
+    from hybrid.drafters import load_drafter
+
+    engine = Engine(verifier, load_drafter(cfg.out, verifier))
     results = [engine.generate(p, gen) for p in prompts]
     taus = [t for r in results for t in r.acceptance_lengths]
     return {"mean_acceptance_length": sum(taus) / len(taus), "rounds": len(taus),

@@ -59,7 +59,7 @@ def answer_with_vllm(model: str, prompts: list[list[int]], new_tokens: int, dtyp
         if importlib.util.find_spec("vllm") is None:
             raise UserError("--gen-backend vllm needs vLLM: bash setup.sh --vllm (or use --gen-backend hf)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        job = path.parent / (path.name.split(".")[0] + ".job.json")
+        job = path.with_name(path.name.removesuffix(".gz").removesuffix(".jsonl") + ".job.json")
         job.write_text(json.dumps({"model": model, "dtype": dtype, "new_tokens": new_tokens, "prompts": todo}))
         rc = subprocess.run([sys.executable, "-m", "hybrid.drafters.vllm_answers", str(job), str(path)]).returncode
         if rc != 0:
