@@ -292,7 +292,8 @@ def serve(verifier, drafter, host, port, model_name, block_size, tree, max_concu
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
 def export_vllm_cmd(drafter_dir, out_dir, dtype, steps, overwrite, as_json):
-    """Write a block-diffusion drafter as a checkpoint vLLM runs with --speculative-config method dflash."""
+    """Write a drafter as a checkpoint vLLM runs: a block-diffusion drafter with --speculative-config method dflash,
+    a parallel drafter with method draft_model and parallel_drafting."""
     from hybrid.vllm_export import export_vllm
 
     info = export_vllm(drafter_dir, out_dir, dtype=dtype, steps=steps, overwrite=overwrite)

@@ -173,7 +173,7 @@ def speculative_decode(
             out = verifier.score(seq, inputs, draft.parents if tree else None, capture)
 
             # 4. accept: the longest agreeing prefix (path of the tree) plus one token of the verifier's own
-            if draft.q is None:  # a deterministic proposal: the verifier's token first, then matched (chains too)
+            if draft.q is None or params.greedy:  # deterministic: the verifier's token first, then matched (chains too)
                 parents = draft.parents if tree else chain_parents(draft.size)
                 walk = accept_tree(draft.tokens, parents, out.logits, params, noise, n)
                 acc, path = Acceptance(len(walk.path), walk.bonus), walk.path  # path: accepted rows of the pass

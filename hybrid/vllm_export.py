@@ -1,4 +1,9 @@
-"""`hybrid export-vllm`: our block-diffusion drafter as a checkpoint stock vLLM runs (`method="dflash"`).
+"""`hybrid export-vllm`: our drafters as checkpoints stock vLLM runs: a block-diffusion drafter with
+`method="dflash"`, a parallel drafter with `method="draft_model"` and `parallel_drafting: true`.
+
+A parallel drafter (hybrid/drafters/parallel.py) exports as a whole causal LM folder: its LoRA factors merged
+into the base model's weights, saved with its tokenizer, and `pard_token` (the mask id vLLM fills a block
+with) in config.json.
 
 Our drafter folder is already laid out as vLLM's DFlash drafter (see hybrid/drafters/diffusion.py). Export
 checks that it is one, writes a config.json with only what vLLM reads plus our own section (vLLM ignores
@@ -113,34 +118,67 @@ def vllm_config(cfg: dict, dtype: str, steps: int) -> dict:
     return out
 
 
-def export_vllm(drafter_dir: str | Path, out_dir: str | Path, dtype: str = "auto", steps: int = 1,
-                overwrite: bool = False) -> dict:
-    """Write DRAFTER_DIR as a vLLM DFlash checkpoint in OUT_DIR. Returns a summary dict."""
-    import torch
-    from safetensors.torch import save_file
-
-    src, out = Path(drafter_dir).expanduser(), Path(out_dir).expanduser()
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-    if not isinstance(steps, int) or steps < 1:
-        raise UserError(f"steps must be an integer >= 1, got {steps}")
-    cfg, state = read_drafter(src)
-    validate(cfg, state, src)
-    max_block = int(cfg["hybrid_drafter"].get("block_size", cfg.get("block_size", 2) - 1))
-    if steps > max_block:
-        raise UserError(f"steps {steps} is above the drafter's block size {max_block}")
+def prepare_out(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve():
         raise UserError("OUT_DIR must differ from DRAFTER_DIR")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} exists and is not empty (use --overwrite)")
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_parallel(src: Path, out: Path, dtype: str, overwrite: bool) -> dict:
+    """A parallel drafter as a whole model folder vLLM drafts with in parallel (method draft_model)."""
+    import torch
+
+    from hybrid.drafters.parallel import ParallelDrafter
+
+    drafter = ParallelDrafter.load(src, None, "auto" if dtype == "auto" else getattr(torch, dtype))
+    prepare_out(src, out, overwrite)
+    model = drafter.lm.model
+    model.config.pard_token = drafter.mask  # vLLM's parallel drafting fills the block with this token
+    model.save_pretrained(out)
+    drafter.lm.tokenizer.save_pretrained(out)
+    K = drafter.max_block_size
+    return {
+        "out": str(out), "architecture": model.config.architectures[0], "dtype": str(model.dtype).removeprefix("torch."),
+        "denoising_steps": 1, "block_size": K, "tensors": len(model.state_dict()),
+        "parameters": sum(p.numel() for p in model.parameters()), "verifier": drafter.config.verifier,
+        "speculative_config": {"method": "draft_model", "model": str(out.resolve()), "num_speculative_tokens": K,
+                               "parallel_drafting": True},
+        "draft_vocabulary_dropped": False,
+    }
+
+
+def export_vllm(drafter_dir: str | Path, out_dir: str | Path, dtype: str = "auto", steps: int = 1,
+                overwrite: bool = False) -> dict:
+    """Write DRAFTER_DIR as a vLLM checkpoint in OUT_DIR. Returns a summary dict."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hybrid.drafters.parallel import CONFIG_FILE
+
+    src, out = Path(drafter_dir).expanduser(), Path(out_dir).expanduser()
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be an integer >= 1, got {steps}")
+    if (src / CONFIG_FILE).is_file():
+        if steps != 1:
+            raise UserError("a parallel drafter drafts in one pass: --steps must be 1")
+        return export_parallel(src, out, dtype, overwrite)
+    cfg, state = read_drafter(src)
+    validate(cfg, state, src)
+    max_block = int(cfg["hybrid_drafter"].get("block_size", cfg.get("block_size", 2) - 1))
+    if steps > max_block:
+        raise UserError(f"steps {steps} is above the drafter's block size {max_block}")
+    prepare_out(src, out, overwrite)
     if dtype == "auto":
         dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values()}
         dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     tdtype = getattr(torch, dtype)
     state = {k: v.to(tdtype).contiguous() for k, v in sorted(state.items())}
-    out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
     conf = vllm_config(cfg, dtype, steps)
     (out / "config.json").write_text(json.dumps(conf, indent=2))

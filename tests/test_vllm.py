@@ -1,4 +1,5 @@
-"""Our drafter inside stock vLLM (`method="dflash"`) and through hybrid's plugin (multi-step denoising).
+"""Our drafters inside stock vLLM (`method="dflash"`; a parallel drafter as `method="draft_model"` with
+`parallel_drafting`) and through hybrid's plugin (multi-step denoising).
 
 Needs vLLM (GPU: `pip install hybrid[vllm]`; CPU: `bash setup.sh --vllm`); skipped cleanly without it.
 Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, eager, 64 MiB of KV cache), one per
@@ -112,7 +113,16 @@ def models(tmp_path_factory):
         loss_vocab=0), progress=False)  # full vocabulary: vLLM drafts from all of it, so both sides do
     export_vllm(root / "bigram-drafter", root / "bigram-drafter-vllm")
     export_vllm(root / "bigram-drafter", root / "bigram-drafter-vllm-2steps", steps=2)
-    print(f"\nmodels built and drafter trained in {time.perf_counter() - t0:.1f} s: {report}")
+    (root / "bigram-prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": "".join(chr(rng) for rng in random.Random(i).choices(range(65, 91), k=6)),
+                    "category": "code", "chat": False}) + "\n" for i in range(24)))
+    parallel = train(TrainConfig(  # a parallel drafter adapted from the target itself: masks learn f(f(t)), ...
+        verifier=str(bigram), corpus=[], prompts=[str(root / "bigram-prompts.jsonl")], out=str(root / "bigram-parallel"),
+        init_from=str(bigram), block_size=K, steps=40, lr=1e-2, warmup=4, anchors=8, eval_every=40,
+        checkpoint_every=10**6, holdout_chunks=2, dtype="float32", gen_tokens=32, gen_batch=12, lora_rank=8,
+        lora_alpha=16, answers=str(root / "bigram-answers.jsonl.gz")), progress=False)
+    export_vllm(root / "bigram-parallel", root / "bigram-parallel-vllm")
+    print(f"\nmodels built and drafters trained in {time.perf_counter() - t0:.1f} s: {report}, parallel {parallel}")
     return root
 
 
@@ -137,14 +147,17 @@ def vllm_process():
 
 def engine(vllm_process, target: Path, drafter: Path | None = None):
     """The in-process vLLM engine for (target, drafter), built on first use and kept for the module
-    (freeing one in-process engine tears down vLLM's process-wide distributed state under the others)."""
+    (freeing one in-process engine tears down vLLM's process-wide distributed state under the others).
+    A drafter folder with `pard_token` in its config is a parallel drafter (method draft_model)."""
     key = (str(target), str(drafter))
     if key not in vllm_process:
         from vllm import LLM
 
         kw = dict(ENGINE_ARGS)
         if drafter is not None:
-            kw["speculative_config"] = {"method": "dflash", "model": str(drafter), "num_speculative_tokens": K}
+            parallel = "pard_token" in json.loads((drafter / "config.json").read_text())
+            kw["speculative_config"] = {"method": "draft_model" if parallel else "dflash", "model": str(drafter),
+                                        "num_speculative_tokens": K, **({"parallel_drafting": True} if parallel else {})}
             kw["per_request_spec_decode_metrics"] = "detailed"  # accepted drafts of every round, per request
         t0 = time.perf_counter()
         vllm_process[key] = LLM(str(target), **kw)
@@ -170,16 +183,16 @@ def generate(llm, token_prompts, temperature=0.0, seed=None, max_tokens=NEW):
 def engine_rounds(target: Path, drafter: Path, token_prompts, vllm_outputs, steps: int) -> list[list[int]]:
     """Our engine on the rounds vLLM ran: prompt + vLLM's first token, then rounds until NEW tokens;
     -> accepted draft tokens of each round, per prompt."""
-    from hybrid.drafters.diffusion import DiffusionDrafter
+    from hybrid.drafters import load_drafter
     from hybrid.engine import Engine, GenerationConfig
     from hybrid.verifiers.hf import HFVerifier
 
     v = HFVerifier.from_pretrained(str(target), torch.float32)
-    eng = Engine(v, DiffusionDrafter.load(drafter, v))
+    eng = Engine(v, load_drafter(str(drafter), v, torch.float32))
     per_prompt = []
     for p, out in zip(token_prompts, vllm_outputs):
         r = eng.generate(p + out[:1], GenerationConfig(max_new_tokens=NEW + K, block_size=K, steps=steps,
-                                                       stop_on_eos=False))
+                                                       stop_on_eos=False, lookup=0))  # the drafter alone, as vLLM
         assert r.token_ids[: NEW - 1] == out[1:], "vLLM's greedy output differs from our engine's"
         done, acc = 0, []
         for tau in r.acceptance_lengths:
@@ -215,12 +228,15 @@ def test_temperature_sampling_runs_and_returns(models, vllm_process):
         assert len({tuple(o) for o in outs}) > 1
 
 
-@pytest.mark.parametrize("steps", [1, 2], ids=["stock-dflash", "plugin-2-steps"])
-def test_acceptance_under_vllm_matches_our_engine(models, vllm_process, steps):
-    export = models / ("bigram-drafter-vllm" if steps == 1 else "bigram-drafter-vllm-2steps")
+@pytest.mark.parametrize("drafter, export, steps", [
+    ("bigram-drafter", "bigram-drafter-vllm", 1), ("bigram-drafter", "bigram-drafter-vllm-2steps", 2),
+    ("bigram-parallel", "bigram-parallel-vllm", 1)], ids=["stock-dflash", "plugin-2-steps", "parallel-draft-model"])
+def test_acceptance_under_vllm_matches_our_engine(models, vllm_process, drafter, export, steps):
     ps = prompts(8, seed=3)
-    outs, vllm_rounds = generate(engine(vllm_process, models / "bigram", export), ps)
-    our_rounds = engine_rounds(models / "bigram", models / "bigram-drafter", ps, outs, steps)
+    outs, vllm_rounds = generate(engine(vllm_process, models / "bigram", models / export), ps)
+    plain, _ = generate(engine(vllm_process, models / "bigram"), ps)
+    assert outs == plain  # greedy output with the drafter is vLLM's own
+    our_rounds = engine_rounds(models / "bigram", models / drafter, ps, outs, steps)
     tau_vllm, tau_ours = mean_tau(vllm_rounds), mean_tau(our_rounds)
     same = sum(a == b for a, b in zip(vllm_rounds, our_rounds))
     print(f"\nsteps={steps}: mean acceptance length vLLM {tau_vllm:.3f} over {sum(map(len, vllm_rounds))} rounds, "
