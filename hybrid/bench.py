@@ -47,8 +47,9 @@ import torch
 from hybrid.errors import UserError
 
 METHODS = ("plain", "hybrid", "ngram", "hf-assisted", "hf-prompt-lookup")
+ASKED_METHODS = ("parallel",)  # run only when asked for: `parallel` is our parallel drafter (--parallel-drafter)
 VLLM_METHODS = ("plain", "hybrid", "ngram", "draft-model")  # --backend vllm (hybrid/bench_vllm.py)
-ENGINE_METHODS = ("plain", "hybrid", "ngram")
+ENGINE_METHODS = ("plain", "hybrid", "parallel", "ngram")
 ALL = "all"  # the category name of the overall figures
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "prompts.jsonl"
 WARMUP_TOKENS = 8
@@ -78,6 +79,7 @@ class BenchPrompt:
 class BenchConfig:
     verifier: str = "demo:1.5b"
     drafter: str | None = None  # None: the drafter shipped for the verifier; without one `hybrid` is skipped
+    parallel_drafter: str | None = None  # the `parallel` method's drafter (hybrid train-drafter --init-from)
     assistant: str = "demo:0.5b"
     methods: tuple[str, ...] = METHODS
     prompts: str | None = None  # None: DEFAULT_PROMPTS
@@ -130,6 +132,8 @@ def parse_methods(text: str | None, backend: str = "transformers") -> tuple[str,
     known = METHODS if backend == "transformers" else VLLM_METHODS
     if text is None:
         return known
+    if backend == "transformers":
+        known = known[:2] + ASKED_METHODS + known[2:]
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise UserError(f"--methods is empty: pick from {', '.join(known)}")
@@ -537,6 +541,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             skipped["hybrid"] = f"no block-diffusion drafter shipped for {cfg.verifier}: pass --drafter PATH"
             methods.remove("hybrid")
             echo(f"note: skipping hybrid: {skipped['hybrid']}")
+    if "parallel" in methods and cfg.parallel_drafter is None:
+        skipped["parallel"] = "no parallel drafter given: pass --parallel-drafter PATH"
+        methods.remove("parallel")
+        echo(f"note: skipping parallel: {skipped['parallel']}")
     encoded = [verifier.encode(p.prompt, p.chat) for p in prompts]
     longest = max(len(ids) for ids in encoded)
     page_size = 16
@@ -556,7 +564,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     drafters = {}
     for method in methods:
         if method in ENGINE_METHODS:
-            spec = {"plain": "none", "ngram": "ngram", "hybrid": drafter_spec}[method]
+            spec = {"plain": "none", "ngram": "ngram", "hybrid": drafter_spec, "parallel": cfg.parallel_drafter}[method]
             drafters[method] = d = load_drafter(spec, verifier, cfg.dtype, cfg.device)
             for b in (cfg.block_sizes or (cfg.block_size,)) if method != "plain" else ():
                 b = variant_settings(b, 0)["block_size"]

@@ -193,12 +193,14 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @cli.command()
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
 @click.option("--drafter", default=None, metavar="PATH", help="Block-diffusion drafter for the `hybrid` method (default: the one shipped for the verifier, if any).")
+@click.option("--parallel-drafter", default=None, metavar="PATH",
+              help="A parallel drafter (train-drafter --init-from) run as the `parallel` method beside the others.")
 @click.option("--assistant", default="demo:0.5b", show_default=True, help="Assistant model of the hf-assisted method.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
               help="Run the verifier under transformers (our engine and transformers' peers) or vLLM (needs vLLM installed).")
 @click.option("--methods", default=None,
               help="Comma list [default: all of the backend's]. transformers: plain, hybrid, ngram, hf-assisted, "
-                   "hf-prompt-lookup. vllm: plain, hybrid, ngram, draft-model.")
+                   "hf-prompt-lookup, and parallel with --parallel-drafter. vllm: plain, hybrid, ngram, draft-model.")
 @click.option("--prompts", default=None, metavar="FILE", help="JSONL file, one {\"prompt\": ..., \"category\": ..., \"chat\": bool} a line (default: bench/prompts.jsonl).")
 @click.option("--max-new-tokens", type=int, default=None, help="New tokens per prompt [default: 32, sized for a default run under 15 minutes on 2 CPU cores].")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
@@ -221,13 +223,17 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
-def bench(verifier, drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
+def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
           device, limit, order, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
 
+    picked = b.parse_methods(methods, backend)
+    if parallel_drafter and methods is None and backend == "transformers":
+        picked = picked[:2] + ("parallel",) + picked[2:]
     cfg = b.BenchConfig(
-        verifier=verifier, drafter=drafter, assistant=assistant, methods=b.parse_methods(methods, backend), prompts=prompts,
+        verifier=verifier, drafter=drafter, parallel_drafter=parallel_drafter, assistant=assistant, methods=picked,
+        prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
         block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, tree=tree, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
         order=order,

@@ -270,3 +270,26 @@ def test_order_interleaves_methods_per_prompt_over_one_pool(models, monkeypatch,
     # results come back method-major, prompts in file order, and every method matches plain
     assert [(x.method, x.index) for x in r.runs] == [(m, i) for m in labels + ["hf-prompt-lookup"] for i in range(3)]
     assert r.mismatches == [] and all(s[ALL].identical_to_plain for s in r.stats.values())
+
+
+def test_parallel_drafter_runs_beside_the_others_when_given(models, tmp_path, capsys):
+    """`--parallel-drafter PATH` adds the `parallel` method to the default run; asked for without one, it is
+    skipped with a note."""
+    from dataclasses import asdict
+
+    from hybrid.drafters.parallel import CONFIG_FILE, ParallelConfig
+
+    verifier, assistant, drafter, prompts = models
+    folder = save_tiny(tmp_path / "parallel", "qwen3", seed=0)  # a whole model: the verifier's own weights
+    (folder / CONFIG_FILE).write_text(json.dumps(asdict(ParallelConfig(base="", mask_token_id=3, block_size=8))))
+    code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--prompts", str(prompts), "--limit", "1",
+                             "--drafter", str(drafter), "--assistant", str(assistant), "--parallel-drafter", str(folder),
+                             "--max-new-tokens", "8", "--lookup", "0", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["identical_to_plain"]["parallel"] is True and "parallel" in result["methods"]
+    assert result["methods"]["parallel"][ALL]["acceptance_per_position"][0] == 1.0  # its own next token: the verifier's
+    assert parse_methods("parallel,plain") == ("plain", "parallel")
+    r = run_bench(BenchConfig(verifier=str(verifier), prompts=str(prompts), limit=1, methods=("plain", "parallel"),
+                              max_new_tokens=4), progress=False, echo=lambda *_: None)
+    assert "parallel" in r.skipped

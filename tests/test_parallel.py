@@ -61,7 +61,7 @@ def test_training_rows_compute_what_the_drafter_computes_at_inference():
     d.lm.prefill(ctx.seq, seq[:3])  # part of the context already read, as after earlier rounds
     inferred = d.block_logits(ctx, B)
     torch.testing.assert_close(trained, inferred, atol=1e-4, rtol=1e-4)
-    assert ctx.seq.lengths["drafter"] == a + 1  # the mask rows are not kept
+    assert ctx.seq.lengths[d.lm.name] == a + 1  # the mask rows are not kept
 
 
 def test_merge_lora_adds_the_low_rank_product():

@@ -95,7 +95,7 @@ class ParallelDrafter:
 
     def __init__(self, lm: HFVerifier, config: ParallelConfig):
         self.lm, self.config = lm, config
-        self.lm.name = "drafter"
+        self.lm.name = "parallel-drafter"  # its cache's name in the pool, apart from other drafters' (the bench shares one)
         self.max_block_size = config.block_size
         self.mask = config.mask_token_id
 
