@@ -284,7 +284,7 @@ def test_parallel_drafter_runs_beside_the_others_when_given(models, tmp_path, ca
     (folder / CONFIG_FILE).write_text(json.dumps(asdict(ParallelConfig(base="", mask_token_id=3, block_size=8))))
     code, out, err = run_cli(capsys, "bench", "--verifier", str(verifier), "--prompts", str(prompts), "--limit", "1",
                              "--drafter", str(drafter), "--assistant", str(assistant), "--parallel-drafter", str(folder),
-                             "--max-new-tokens", "8", "--lookup", "0", "--json")
+                             "--max-new-tokens", "8", "--lookup", "0", "--block-size", "4", "--json")  # fixed: no timing
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["identical_to_plain"]["parallel"] is True and "parallel" in result["methods"]
