@@ -115,15 +115,6 @@ class Acceptance:
     bonus: int  # the verifier's own token after them (next or recovered)
 
 
-def accept_greedy(draft: torch.Tensor, logits: torch.Tensor) -> Acceptance:
-    """draft [B], logits [B+1, V]: keep draft tokens while they equal the verifier's argmax."""
-    target = logits.argmax(dim=-1)  # [B+1]
-    B = draft.numel()
-    match = (draft.to(target.device) == target[:B]).int()  # [B]
-    n = int(match.cumprod(0).sum()) if B else 0
-    return Acceptance(n, int(target[n]))
-
-
 def accept_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor, noise: Noise, start: int) -> Acceptance:
     """Rejection sampling of a sampled draft. draft [B] at sequence positions start .. start + B - 1; q [B, V]
     the drafter's distributions it was drawn from; p [B+1, V] the verifier's, warped."""

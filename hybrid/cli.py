@@ -228,9 +228,9 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
 
-    picked = b.parse_methods(methods, backend)
     if parallel_drafter and methods is None and backend == "transformers":
-        picked = picked[:2] + ("parallel",) + picked[2:]
+        methods = ",".join(b.METHODS + b.ASKED_METHODS)  # the default run, and the parallel drafter asked for
+    picked = b.parse_methods(methods, backend)
     cfg = b.BenchConfig(
         verifier=verifier, drafter=drafter, parallel_drafter=parallel_drafter, assistant=assistant, methods=picked,
         prompts=prompts,

@@ -68,6 +68,18 @@ def build_tree(probs: torch.Tensor, ids: torch.Tensor, budget: int) -> Tree:
     return Tree(as_long(tokens), as_long(parents), as_long(depth), as_float(score), as_float(prob))
 
 
+TREE_WIDTH = 8  # candidates per block position a draft tree may choose from
+
+
+def tree_from_probs(probs: torch.Tensor, budget: int, vocab: torch.Tensor | None = None) -> Tree:
+    """The `budget` most probable paths through each position's top TREE_WIDTH candidates of a one-pass drafter's
+    distributions probs [B, V'] (vocab [V']: the token id of each column; None: column = token id)."""
+    top_p, top_i = probs.topk(min(budget, TREE_WIDTH, probs.shape[-1]), dim=-1)  # [B, k] descending
+    if vocab is not None:
+        top_i = vocab.to(top_i.device)[top_i]
+    return build_tree(top_p.cpu(), top_i.cpu(), budget)
+
+
 def chain_parents(n: int) -> torch.Tensor:
     """The parents of a chain of n nodes: [0, 1, ..., n-1] -> [n]."""
     return torch.arange(n, dtype=torch.long)

@@ -4,8 +4,7 @@ import pytest
 import torch
 from scipy.stats import chisquare, kstest
 
-from hybrid.acceptance import (DRAFT, RESIDUAL, TOKEN, Acceptance, Noise, SamplingParams, accept_greedy,
-                               accept_sampling, sample, warp)
+from hybrid.acceptance import DRAFT, RESIDUAL, TOKEN, Acceptance, Noise, SamplingParams, accept_sampling, sample, warp
 from hybrid.errors import UserError
 from hybrid.tree import accept_tree, chain_parents
 
@@ -14,6 +13,12 @@ def one_hot_logits(targets, V=6):
     logits = torch.full((len(targets), V), -5.0)
     logits[torch.arange(len(targets)), torch.tensor(targets)] = 5.0
     return logits
+
+
+def greedy_walk(draft, logits) -> Acceptance:
+    """Temperature 0: a chain walked along the verifier's argmax (hybrid.tree, as the loop does)."""
+    walk = accept_tree(draft, chain_parents(draft.numel()), logits, SamplingParams(0.0), None)
+    return Acceptance(len(walk.path), walk.bonus)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +31,7 @@ def one_hot_logits(targets, V=6):
     ],
 )
 def test_greedy_acceptance_on_crafted_logits(draft, targets, expected):
-    assert accept_greedy(torch.tensor(draft, dtype=torch.long), one_hot_logits(targets)) == expected
+    assert greedy_walk(torch.tensor(draft, dtype=torch.long), one_hot_logits(targets)) == expected
 
 
 def test_warp_top_k_and_top_p_exact():
@@ -121,8 +126,3 @@ def test_noise_is_a_function_of_seed_position_and_purpose_and_looks_uniform():
     for v in others:  # another purpose, seed or position: unrelated numbers
         assert abs(np.corrcoef(u, v)[0, 1]) < 0.03
 
-
-def test_greedy_walk_at_temperature_zero_is_the_argmax_rule():
-    draft, logits = torch.tensor([1, 2, 3]), one_hot_logits([1, 2, 0, 4])
-    walk = accept_tree(draft, chain_parents(3), logits, SamplingParams(0.0), None)
-    assert Acceptance(len(walk.path), walk.bonus) == accept_greedy(draft, logits) == Acceptance(2, 0)

@@ -33,11 +33,10 @@ from torch import nn
 from hybrid.acceptance import DRAFT, sample, warp
 from hybrid.drafters.base import Context, Draft
 from hybrid.errors import UserError
-from hybrid.tree import build_tree
+from hybrid.tree import tree_from_probs
 from hybrid.vocab import check_same_vocab, vocab_fingerprint
 
 MODEL_NAME = "drafter"
-TREE_WIDTH = 8  # candidates per block position a draft tree may choose from
 
 
 @dataclass
@@ -407,9 +406,5 @@ class DiffusionDrafter:
         the most probable paths through each position's top candidates."""
         ids, positions, ctx_kv = self._block(ctx, block_size)
         h = self.model(self.embed(ids), positions, ctx_kv)  # [B+1, H]
-        probs = torch.softmax(self.draft_logits(h[1:]), -1)  # [B, V']
-        top_p, top_i = probs.topk(min(budget, TREE_WIDTH, probs.shape[-1]), dim=-1)  # [B, k] descending
-        if self.draft_vocab is not None:
-            top_i = self.draft_vocab.to(ids.device)[top_i]
-        tree = build_tree(top_p.cpu(), top_i.cpu(), budget)
+        tree = tree_from_probs(torch.softmax(self.draft_logits(h[1:]), -1), budget, self.draft_vocab)  # [B, V']
         return Draft(tree.tokens, None, tree.prob, tree.parents)

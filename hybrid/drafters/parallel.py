@@ -29,13 +29,12 @@ import torch
 from hybrid.acceptance import DRAFT, sample, warp
 from hybrid.drafters.base import Context, Draft
 from hybrid.errors import UserError
-from hybrid.tree import build_tree
+from hybrid.tree import tree_from_probs
 from hybrid.verifiers.hf import HFVerifier, load_causal_lm
 from hybrid.vocab import check_same_vocab
 
 CONFIG_FILE = "parallel_drafter.json"
 ADAPTER_FILE = "adapter.safetensors"
-TREE_WIDTH = 8  # candidates per block position a draft tree may choose from
 
 
 @dataclass
@@ -152,7 +151,5 @@ class ParallelDrafter:
 
     def propose_tree(self, ctx: Context, block_size: int, budget: int, sampler=None) -> Draft:
         """The most probable paths through each block position's top candidates (hybrid.tree), one pass."""
-        probs = torch.softmax(self.block_logits(ctx, block_size).float(), -1)  # [B, V]
-        top_p, top_i = probs.topk(min(budget, TREE_WIDTH, probs.shape[-1]), dim=-1)  # [B, k]
-        tree = build_tree(top_p.cpu(), top_i.cpu(), budget)
+        tree = tree_from_probs(torch.softmax(self.block_logits(ctx, block_size).float(), -1), budget)  # [B, V]
         return Draft(tree.tokens, None, tree.prob, tree.parents)

@@ -112,15 +112,16 @@ def heldout_acceptance(model, seqs, B: int, mask_id: int, stride: int = 4) -> di
     return {"tau": 1 + sum(accepted) / n, "per_position": (reach / n).tolist(), "blocks": len(accepted)}
 
 
-def sequences(cfg, tokenizer) -> list[tuple[torch.Tensor, int]]:
+def sequences(cfg, tokenizer, progress: bool = True) -> list[tuple[torch.Tensor, int]]:
     """(prompt + answer ids [L], index of the prompt's last token) per prompt, from the answers pool."""
     from hybrid.drafters.answers import read_answers
     from hybrid.drafters.train import answers_file, fill_answers, prompt_tokens
 
-    fill_answers(cfg)  # answers the prompts the pool lacks
+    prompts = prompt_tokens(cfg, tokenizer)
+    fill_answers(cfg, progress, prompts)  # answers the prompts the pool lacks
     pool = read_answers(answers_file(cfg))
     out = []
-    for p in prompt_tokens(cfg, tokenizer):
+    for p in prompts:
         answer = pool.get(tuple(p))
         if answer is None:  # unanswered (--gen-backend pool)
             continue
@@ -154,7 +155,7 @@ def train_parallel(cfg, progress: bool = True) -> dict:
         raise UserError(f"--init-from {cfg.init_from} has another tokenizer than the verifier: start from a model of "
                         "the verifier's family (e.g. demo:0.5b for demo:1.5b)")
     mask_id = mask_token(verifier_tok)
-    data = sequences(cfg, verifier_tok)
+    data = sequences(cfg, verifier_tok, progress)
     hold = max(1, min(cfg.holdout_chunks, len(data) // 5))
     if len(data) <= hold:
         raise UserError(f"--prompts gave only {len(data)} usable answers: add prompts or raise --gen-tokens")

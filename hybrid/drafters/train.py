@@ -201,9 +201,9 @@ def verifier_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(resolve_model(spec))
 
 
-def fill_answers(cfg: TrainConfig, progress: bool = True) -> tuple[int, int]:
-    """Answer the prompts of cfg.prompts that the answers pool lacks and add them to it, without training
-    -> (answers in the pool, answers added)."""
+def fill_answers(cfg: TrainConfig, progress: bool = True, prompts: list[list[int]] | None = None) -> tuple[int, int]:
+    """Answer the prompts of cfg.prompts (or these, already encoded) that the answers pool lacks and add them to
+    it, without training -> (answers in the pool, answers added)."""
     from hybrid.demo import resolve_model
     from hybrid.verifiers.hf import HFVerifier
 
@@ -212,7 +212,9 @@ def fill_answers(cfg: TrainConfig, progress: bool = True) -> tuple[int, int]:
     path = answers_file(cfg)
     pool = read_answers(path)
     before = len(pool)
-    todo = sorted({tuple(p) for p in prompt_tokens(cfg, verifier_tokenizer(cfg.verifier))} - set(pool), key=len)
+    if prompts is None:
+        prompts = prompt_tokens(cfg, verifier_tokenizer(cfg.verifier))
+    todo = sorted({tuple(p) for p in prompts} - set(pool), key=len)
     if not todo or cfg.gen_backend == "pool":  # "pool": train on the answers there are, answer nothing
         return before, 0
     if cfg.gen_backend == "vllm":
