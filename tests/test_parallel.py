@@ -13,6 +13,7 @@ from hybrid.drafters.parallel import ParallelConfig, ParallelDrafter, merge_lora
 from hybrid.drafters.parallel_train import block_layout, forward_rows, targets_of
 from hybrid.drafters.train import TrainConfig, train
 from hybrid.engine import Engine, GenerationConfig
+from hybrid.errors import UserError
 from hybrid.pages import PagePool
 
 PROMPT = [5, 40, 41, 42, 9, 40, 41, 42, 9, 40]
@@ -127,3 +128,17 @@ def test_training_resumes_exactly(trained, tmp_path):
     train(replace(part, extra={"resume": True}), progress=False)
     a, b = load_file(f"{cfg.out}/adapter.safetensors"), load_file(f"{tmp_path}/again/adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_training_continues_a_run_from_its_adapter_on_the_same_held_out_prompts(trained, tmp_path):
+    cfg, report = trained
+    more = replace(cfg, out=str(tmp_path / "more"), init=cfg.out, steps=8, eval_every=8)
+    again = train(more, progress=False)
+    curve = [json.loads(line) for line in open(f"{more.out}/curve.jsonl")]
+    first = json.loads(open(f"{cfg.out}/curve.jsonl").readlines()[-1])
+    # step 0 of the new run measures the adapter it starts from, on the held-out prompts of the run it continues
+    assert curve[0]["tau"] == pytest.approx(first["tau"]) and curve[0]["target_tokens"] == report["target_tokens"]
+    assert again["target_tokens"] > report["target_tokens"]
+    assert json.load(open(f"{more.out}/holdout-prompts.json")) == json.load(open(f"{cfg.out}/holdout-prompts.json"))
+    with pytest.raises(UserError, match="LoRA rank"):
+        train(replace(more, out=str(tmp_path / "bad"), lora_rank=8), progress=False)

@@ -132,6 +132,41 @@ def sequences(cfg, tokenizer, progress: bool = True) -> list[tuple[torch.Tensor,
     return out
 
 
+def load_init(cfg, tokenizer) -> dict:
+    """A parallel drafter run to continue (--init): its adapter, held-out prompts and target tokens trained on."""
+    from safetensors.torch import load_file
+
+    from hybrid.drafters.parallel import ADAPTER_FILE, CONFIG_FILE, ParallelConfig, mask_token
+
+    path = Path(cfg.init)
+    try:
+        init = ParallelConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        holdout = json.loads((path / "holdout-prompts.json").read_text())
+        adapter = load_file(str(path / ADAPTER_FILE))
+    except (OSError, TypeError, ValueError) as e:
+        raise UserError(f"--init {path} is not a parallel drafter run of train-drafter --init-from ({e})") from e
+    ours = (cfg.init_from, cfg.lora_rank, float(cfg.lora_alpha), mask_token(tokenizer))
+    theirs = (init.base, init.lora_rank, init.lora_alpha, init.mask_token_id)
+    if ours != theirs:
+        raise UserError(f"--init {path} adapts {theirs[0]} with LoRA rank {theirs[1]}, alpha {theirs[2]:g}, mask "
+                        f"{theirs[3]}; this run asks {ours[0]}, {ours[1]}, {ours[2]:g}, {ours[3]}: ask the same")
+    seen = ((init.training or {}).get("report") or {}).get("target_tokens", 0)
+    return {"adapter": adapter, "holdout": holdout, "target_tokens": seen}
+
+
+@torch.no_grad()
+def set_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy saved `<name>.lora_A` / `.lora_B` factors into the peft model's LoRA layers."""
+    n = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            for part in ("lora_A", "lora_B"):
+                getattr(module, part)["default"].weight.copy_(adapter[f"{name}.{part}"])
+                n += 1
+    if n != len(adapter):
+        raise UserError(f"--init's adapter has {len(adapter)} factors, this model's LoRA {n}")
+
+
 def train_parallel(cfg, progress: bool = True) -> dict:
     """Train a parallel drafter from cfg.init_from on the verifier's answers; saves it to cfg.out."""
     from peft import LoraConfig, get_peft_model
@@ -159,12 +194,23 @@ def train_parallel(cfg, progress: bool = True) -> dict:
     hold = max(1, min(cfg.holdout_chunks, len(data) // 5))
     if len(data) <= hold:
         raise UserError(f"--prompts gave only {len(data)} usable answers: add prompts or raise --gen-tokens")
-    holdout, train_set = data[:hold], data[hold:]
+    init = load_init(cfg, verifier_tok) if cfg.init else None
+    if init is not None:  # the same held-out prompts as the run it continues, so its curve goes on measuring the same
+        keep = {tuple(x) for x in init["holdout"]}
+        holdout = [d for d in data if tuple(d[0][: d[1] + 1].tolist()) in keep]
+        train_set = [d for d in data if tuple(d[0][: d[1] + 1].tolist()) not in keep]
+        if len(holdout) != len(keep):
+            raise UserError(f"--init {cfg.init}: {len(keep) - len(holdout)} of its held-out prompts are not among "
+                            f"--prompts' answers with --seq-len {cfg.seq_len}: give the prompts and --seq-len it used")
+    else:
+        holdout, train_set = data[:hold], data[hold:]
 
     for p in model.parameters():
         p.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                              target_modules=sorted({n.split(".")[-1] for n in lora_targets(model)})))
+    if init is not None:
+        set_adapter(model.base_model.model, init["adapter"])
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # LoRA factors in float32 (the base stays in its dtype)
@@ -173,7 +219,7 @@ def train_parallel(cfg, progress: bool = True) -> dict:
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     base = model.base_model.model
     rng = random.Random(cfg.seed)
-    step, seen, curve = 0, 0, []
+    step, seen, curve = 0, (init["target_tokens"] if init else 0), []  # target tokens: since the base model
     ckpt = out / "checkpoint.pt"
     if cfg.extra.get("resume") and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
