@@ -538,7 +538,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
         if shipped is not None:
             drafter_spec = str(shipped)
         else:
-            skipped["hybrid"] = f"no block-diffusion drafter shipped for {cfg.verifier}: pass --drafter PATH"
+            skipped["hybrid"] = f"no drafter shipped for {cfg.verifier}: pass --drafter PATH"
             methods.remove("hybrid")
             echo(f"note: skipping hybrid: {skipped['hybrid']}")
     if "parallel" in methods and cfg.parallel_drafter is None:

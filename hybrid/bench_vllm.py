@@ -52,7 +52,8 @@ class VllmJob:
     max_new_tokens: int
     warmup_tokens: int
     k: int = 0
-    drafter: str | None = None  # vLLM DFlash checkpoint (hybrid) or causal LM (draft-model)
+    drafter: str | None = None  # our drafter's vLLM export (hybrid) or a causal LM (draft-model)
+    parallel_drafting: bool = False  # hybrid: our export is a parallel drafter (draft_model drafting a block in one pass)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -65,6 +66,9 @@ class VllmJob:
 def speculative_config(job: VllmJob) -> dict | None:
     if job.method == "plain":
         return None
+    if job.method == "hybrid" and job.parallel_drafting:
+        return {"method": "draft_model", "model": job.drafter, "num_speculative_tokens": job.k,
+                "parallel_drafting": True}
     if job.method == "hybrid":
         return {"method": "dflash", "model": job.drafter, "num_speculative_tokens": job.k}
     if job.method == "ngram":
@@ -207,14 +211,14 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
             if drafter_spec is None:
                 shipped = shipped_drafter(cfg.verifier)
                 if shipped is None:
-                    skipped["hybrid"] = f"no block-diffusion drafter shipped for {cfg.verifier}: pass --drafter PATH"
+                    skipped["hybrid"] = f"no drafter shipped for {cfg.verifier}: pass --drafter PATH"
                     methods.remove("hybrid")
                     echo(f"note: skipping hybrid: {skipped['hybrid']}")
                 drafter_spec = str(shipped) if shipped else None
-        exported = None
+        exported, parallel = None, False
         if "hybrid" in methods:
             exported = tmp / "drafter-vllm"
-            export_vllm(drafter_spec, exported, steps=steps)
+            parallel = export_vllm(drafter_spec, exported, steps=steps)["speculative_config"].get("parallel_drafting", False)
         assistant = resolve_model(cfg.assistant) if "draft-model" in methods else None
         longest = max(len(ids) for ids in encoded)
         max_len = longest + max(cfg.max_new_tokens, cfg.warmup_tokens) + max(ks) + 16
@@ -236,7 +240,8 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
             for label, m, k in variants:
                 bar.set_description(f"{label} (vLLM)")
                 drafter = str(exported) if m == "hybrid" else assistant if m == "draft-model" else None
-                runs += _child(VllmJob(label=label, method=m, k=k, drafter=drafter, **base), tmp, bar)
+                runs += _child(VllmJob(label=label, method=m, k=k, drafter=drafter, parallel_drafting=parallel, **base),
+                               tmp, bar)
         finally:
             bar.close()
 

@@ -59,7 +59,7 @@ def cli():
 @click.argument("prompt")
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
 @click.option("--drafter", default="auto", show_default=True,
-              help="auto (the drafter shipped for this verifier, else ngram), none, ngram, a block-diffusion drafter folder, or a causal LM.")
+              help="auto (the drafter shipped for this verifier, else ngram), none, ngram, a block-diffusion or parallel drafter folder, or a causal LM.")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
               help="Draft tokens per round, or auto (the coordinator picks per round).")
 @click.option("--steps", type=AUTO_INT, default="auto", show_default=True,
@@ -192,7 +192,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 
 @cli.command()
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
-@click.option("--drafter", default=None, metavar="PATH", help="Block-diffusion drafter for the `hybrid` method (default: the one shipped for the verifier, if any).")
+@click.option("--drafter", default=None, metavar="PATH", help="Our drafter (block-diffusion or parallel) for the `hybrid` method (default: the one shipped for the verifier, if any).")
 @click.option("--parallel-drafter", default=None, metavar="PATH",
               help="A parallel drafter (train-drafter --init-from) run as the `parallel` method beside the others.")
 @click.option("--assistant", default="demo:0.5b", show_default=True, help="Assistant model of the hf-assisted method.")
@@ -258,7 +258,7 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
 @cli.command()
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True)
 @click.option("--drafter", default="auto", show_default=True,
-              help="auto (the drafter shipped for this verifier, else ngram), none, ngram, a block-diffusion drafter folder, or a causal LM.")
+              help="auto (the drafter shipped for this verifier, else ngram), none, ngram, a block-diffusion or parallel drafter folder, or a causal LM.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--model-name", default="hybrid", show_default=True, help="The model id clients ask for.")

@@ -142,3 +142,18 @@ def test_training_continues_a_run_from_its_adapter_on_the_same_held_out_prompts(
     assert json.load(open(f"{more.out}/holdout-prompts.json")) == json.load(open(f"{cfg.out}/holdout-prompts.json"))
     with pytest.raises(UserError, match="LoRA rank"):
         train(replace(more, out=str(tmp_path / "bad"), lora_rank=8), progress=False)
+
+
+def test_a_parallel_drafter_folder_can_be_the_shipped_drafter(trained, tmp_path, monkeypatch):
+    import shutil
+
+    import hybrid.drafters as drafters
+
+    cfg, _ = trained
+    monkeypatch.setattr(drafters, "ASSETS", tmp_path)
+    assert drafters.shipped_drafter(cfg.verifier) is None
+    shutil.copytree(cfg.out, tmp_path / "verifier")  # named after the verifier's folder
+    assert drafters.shipped_drafter(cfg.verifier) == tmp_path / "verifier"
+    from hybrid.verifiers.hf import HFVerifier
+
+    assert isinstance(load_drafter("auto", HFVerifier.from_pretrained(cfg.verifier, torch.float32)), ParallelDrafter)

@@ -372,3 +372,25 @@ def test_bench_vllm_backend(models, tmp_path, monkeypatch):
     runs = [x for x in r.runs if x.method == "hybrid"]
     assert all(sum(x.committed_per_round) >= NEW - 1 for x in runs)  # one commit per vLLM verify step
     assert r.config["backend"] == "vllm" and r.config["draft_tokens"] == [K]
+
+
+def test_bench_vllm_runs_a_parallel_drafter_as_draft_model_drafting_in_one_pass(models, tmp_path, monkeypatch):
+    """The `hybrid` method with a parallel drafter: exported whole, run as vLLM's draft_model with
+    parallel_drafting; greedy outputs equal plain vLLM's and its drafts are accepted."""
+    from hybrid.bench import BenchConfig
+    from hybrid.bench_vllm import VllmJob, run_vllm_bench, speculative_config
+
+    job = VllmJob(label="hybrid", method="hybrid", verifier="v", prompts=[], categories=[], indexes=[],
+                  max_new_tokens=1, warmup_tokens=1, k=K, drafter="d", parallel_drafting=True)
+    assert speculative_config(job) == {"method": "draft_model", "model": "d", "num_speculative_tokens": K,
+                                       "parallel_drafting": True}
+    monkeypatch.setenv("HYBRID_VLLM_KV_BYTES", str(1 << 26))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "category": "code", "chat": False}) + "\n"
+                                              for p in ("QWERTY", "ASDFGH")))
+    cfg = BenchConfig(verifier=str(models / "bigram"), drafter=str(models / "bigram-parallel"),
+                      methods=("plain", "hybrid"), prompts=str(tmp_path / "p.jsonl"), max_new_tokens=NEW,
+                      block_size=K, dtype=torch.float32)
+    r = run_vllm_bench(cfg, progress=False)
+    hybrid = r.stats["hybrid"]["all"]
+    assert hybrid.identical_to_plain, r.mismatches
+    assert hybrid.mean_acceptance_length > 1.2

@@ -11,13 +11,17 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 
 
 def shipped_drafter(verifier) -> Path | None:
-    """The block-diffusion drafter shipped with hybrid for this verifier (a verifier or its spec), if any."""
+    """The drafter shipped with hybrid for this verifier (a verifier or its spec), if any: a folder under
+    hybrid/assets/drafters named after the verifier, holding a block-diffusion drafter (config.json) or a
+    parallel drafter (parallel_drafter.json, an adapter over a model the setup builds)."""
     from hybrid.demo import resolve_model
+    from hybrid.drafters.parallel import CONFIG_FILE
 
     spec = verifier if isinstance(verifier, str) else verifier.name_or_path
     name = Path(str(resolve_model(spec)).rstrip("/")).name if spec else ""
     path = ASSETS / name.lower()
-    return path if name and (path / "config.json").is_file() else None
+    found = name and any((path / f).is_file() for f in ("config.json", CONFIG_FILE))
+    return path if found else None
 
 
 def load_drafter(spec: str | None, verifier, dtype="auto", device: str = "cpu"):
