@@ -3,8 +3,9 @@
 Methods (each one vLLM engine, built in a child process so that its memory and vLLM's process-wide
 state go away with it; the engine runs in that process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`):
 - ``plain``: the verifier alone.
-- ``hybrid``: our block-diffusion drafter, exported on the fly to a stock ``method="dflash"``
-  checkpoint (`hybrid export-vllm`; with ``--steps N > 1`` hybrid's multi-step plugin class).
+- ``hybrid``: our drafter, exported on the fly (`hybrid export-vllm`) and run in the form the export names: a
+  block-diffusion drafter as a stock ``method="dflash"`` checkpoint (with ``--steps N > 1`` hybrid's multi-step
+  plugin class), a parallel drafter as ``method="draft_model"`` with ``parallel_drafting``.
 - ``ngram``: vLLM's prompt-lookup proposer (``prompt_lookup_max`` 4, as vLLM's docs run it).
 - ``draft-model``: vLLM's ``draft_model`` method with the assistant (default the demo 0.5B).
 
@@ -53,7 +54,7 @@ class VllmJob:
     warmup_tokens: int
     k: int = 0
     drafter: str | None = None  # our drafter's vLLM export (hybrid) or a causal LM (draft-model)
-    parallel_drafting: bool = False  # hybrid: our export is a parallel drafter (draft_model drafting a block in one pass)
+    drafter_config: dict | None = None  # hybrid: the speculative config export_vllm wrote for our drafter
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -66,11 +67,8 @@ class VllmJob:
 def speculative_config(job: VllmJob) -> dict | None:
     if job.method == "plain":
         return None
-    if job.method == "hybrid" and job.parallel_drafting:
-        return {"method": "draft_model", "model": job.drafter, "num_speculative_tokens": job.k,
-                "parallel_drafting": True}
-    if job.method == "hybrid":
-        return {"method": "dflash", "model": job.drafter, "num_speculative_tokens": job.k}
+    if job.method == "hybrid":  # dflash, or draft_model with parallel_drafting: the form the export runs in
+        return {**job.drafter_config, "model": job.drafter, "num_speculative_tokens": job.k}
     if job.method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": job.k, "prompt_lookup_max": NGRAM_LOOKUP_MAX}
     if job.method == "draft-model":
@@ -215,10 +213,10 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
                     methods.remove("hybrid")
                     echo(f"note: skipping hybrid: {skipped['hybrid']}")
                 drafter_spec = str(shipped) if shipped else None
-        exported, parallel = None, False
+        exported, drafter_config = None, None
         if "hybrid" in methods:
             exported = tmp / "drafter-vllm"
-            parallel = export_vllm(drafter_spec, exported, steps=steps)["speculative_config"].get("parallel_drafting", False)
+            drafter_config = export_vllm(drafter_spec, exported, steps=steps)["speculative_config"]
         assistant = resolve_model(cfg.assistant) if "draft-model" in methods else None
         longest = max(len(ids) for ids in encoded)
         max_len = longest + max(cfg.max_new_tokens, cfg.warmup_tokens) + max(ks) + 16
@@ -240,8 +238,8 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
             for label, m, k in variants:
                 bar.set_description(f"{label} (vLLM)")
                 drafter = str(exported) if m == "hybrid" else assistant if m == "draft-model" else None
-                runs += _child(VllmJob(label=label, method=m, k=k, drafter=drafter, parallel_drafting=parallel, **base),
-                               tmp, bar)
+                runs += _child(VllmJob(label=label, method=m, k=k, drafter=drafter, drafter_config=drafter_config,
+                                       **base), tmp, bar)
         finally:
             bar.close()
 

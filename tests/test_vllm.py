@@ -380,9 +380,12 @@ def test_bench_vllm_runs_a_parallel_drafter_as_draft_model_drafting_in_one_pass(
     from hybrid.bench import BenchConfig
     from hybrid.bench_vllm import VllmJob, run_vllm_bench, speculative_config
 
+    from hybrid.vllm_export import export_vllm
+
+    exported = export_vllm(models / "bigram-parallel", tmp_path / "export")["speculative_config"]
     job = VllmJob(label="hybrid", method="hybrid", verifier="v", prompts=[], categories=[], indexes=[],
-                  max_new_tokens=1, warmup_tokens=1, k=K, drafter="d", parallel_drafting=True)
-    assert speculative_config(job) == {"method": "draft_model", "model": "d", "num_speculative_tokens": K,
+                  max_new_tokens=1, warmup_tokens=1, k=K - 1, drafter="d", drafter_config=exported)
+    assert speculative_config(job) == {"method": "draft_model", "model": "d", "num_speculative_tokens": K - 1,
                                        "parallel_drafting": True}
     monkeypatch.setenv("HYBRID_VLLM_KV_BYTES", str(1 << 26))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "category": "code", "chat": False}) + "\n"

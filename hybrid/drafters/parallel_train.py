@@ -154,17 +154,30 @@ def load_init(cfg, tokenizer) -> dict:
     return {"adapter": adapter, "holdout": holdout, "target_tokens": seen}
 
 
-@torch.no_grad()
-def set_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
-    """Copy saved `<name>.lora_A` / `.lora_B` factors into the peft model's LoRA layers."""
-    n = 0
+def lora_factors(model) -> dict[str, torch.Tensor]:
+    """The peft model's LoRA factor weights under the base model's names: `<module>.lora_A` / `.lora_B` (the
+    adapter file's keys, merged at load by hybrid.drafters.parallel.merge_lora)."""
+    out = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             for part in ("lora_A", "lora_B"):
-                getattr(module, part)["default"].weight.copy_(adapter[f"{name}.{part}"])
-                n += 1
-    if n != len(adapter):
-        raise UserError(f"--init's adapter has {len(adapter)} factors, this model's LoRA {n}")
+                out[f"{name}.{part}"] = getattr(module, part)["default"].weight
+    return out
+
+
+def prompt_key(seq: torch.Tensor, start: int) -> tuple[int, ...]:
+    """A training sequence's prompt part (its ids up to the prompt's last token): how held-out prompts are named."""
+    return tuple(seq[: start + 1].tolist())
+
+
+@torch.no_grad()
+def set_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy saved `<name>.lora_A` / `.lora_B` factors into the peft model's LoRA layers."""
+    factors = lora_factors(model)
+    if factors.keys() != adapter.keys():
+        raise UserError(f"--init's adapter has {len(adapter)} factors, this model's LoRA {len(factors)} others")
+    for key, weight in factors.items():
+        weight.copy_(adapter[key])
 
 
 def train_parallel(cfg, progress: bool = True) -> dict:
@@ -197,8 +210,8 @@ def train_parallel(cfg, progress: bool = True) -> dict:
     init = load_init(cfg, verifier_tok) if cfg.init else None
     if init is not None:  # the same held-out prompts as the run it continues, so its curve goes on measuring the same
         keep = {tuple(x) for x in init["holdout"]}
-        holdout = [d for d in data if tuple(d[0][: d[1] + 1].tolist()) in keep]
-        train_set = [d for d in data if tuple(d[0][: d[1] + 1].tolist()) not in keep]
+        holdout = [d for d in data if prompt_key(*d) in keep]
+        train_set = [d for d in data if prompt_key(*d) not in keep]
         if len(holdout) != len(keep):
             raise UserError(f"--init {cfg.init}: {len(keep) - len(holdout)} of its held-out prompts are not among "
                             f"--prompts' answers with --seq-len {cfg.seq_len}: give the prompts and --seq-len it used")
@@ -276,11 +289,7 @@ def train_parallel(cfg, progress: bool = True) -> dict:
             return {"stopped_at": step}
 
     # the adapter as <module>.lora_A / .lora_B over the base model's names, merged at load
-    adapter = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            adapter[f"{name}.lora_A"] = module.lora_A["default"].weight.detach().to(dtype).contiguous()
-            adapter[f"{name}.lora_B"] = module.lora_B["default"].weight.detach().to(dtype).contiguous()
+    adapter = {k: w.detach().to(dtype).contiguous() for k, w in lora_factors(base).items()}
     save_file(adapter, str(out / ADAPTER_FILE))
     report = {"steps": step, "target_tokens": seen, "heldout": curve[-1], "train_sequences": len(train_set),
               "holdout_sequences": len(holdout)}
@@ -288,5 +297,5 @@ def train_parallel(cfg, progress: bool = True) -> dict:
                             lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_alpha), verifier=cfg.verifier,
                             training={**{k: v for k, v in asdict(cfg).items() if k != "extra"}, "report": report})
     save_config(config, out)
-    (out / "holdout-prompts.json").write_text(json.dumps([s[: st + 1].tolist() for s, st in holdout]))
+    (out / "holdout-prompts.json").write_text(json.dumps([list(prompt_key(*d)) for d in holdout]))
     return report
