@@ -22,6 +22,7 @@ import hybrid.loop as loop_mod
 import hybrid.tree as tree_mod
 from conftest import make_verifier
 from hybrid.acceptance import DRAFT, RESIDUAL, Acceptance, SamplingParams, accept_sampling, sample, warp
+from hybrid.coordinator import CostModel
 from hybrid.drafters.base import Draft
 from hybrid.drafters.causal import CausalDrafter
 from hybrid.drafters.diffusion import DiffusionDrafter, unmask_schedule
@@ -369,8 +370,9 @@ def test_sampled_check_catches_its_biased_variant(verifier, name, monkeypatch):
 
 # -- seeds and devices ---------------------------------------------------------------------------
 def test_a_seed_gives_plain_sampling_output_whatever_block_sizes_auto_picks():
-    """Block size auto (trees, lookup, trimming: the defaults) chooses from measured time; jittered timings make
-    every run choose differently, and each run of a seed still commits plain sampling's tokens."""
+    """Block size auto (trees, lookup, trimming: the defaults) chooses from measured time; timings scaled into three
+    regimes (drafting nearly free, as measured, very dear) and jittered make the runs choose differently, and each
+    run of a seed still commits plain sampling's tokens."""
     import random
 
     v = make_verifier("qwen3")
@@ -379,15 +381,28 @@ def test_a_seed_gives_plain_sampling_output_whatever_block_sizes_auto_picks():
 
     plain = Engine(v, None, num_pages=32, page_size=8)
     engine = Engine(v, drafter(v), num_pages=32, page_size=8)
-    observe, jitter = engine.costs.observe, random.Random()  # unseeded: other timings on every run
-    engine.costs.observe = lambda b, t, d, vs, drafted=None: observe(b, t, d * jitter.uniform(0.2, 5),
-                                                                      vs * jitter.uniform(0.2, 5), drafted)
+    jitter = random.Random()  # unseeded: other timings on every run
+
+    def regime(scale: float) -> CostModel:
+        """Fresh costs whose drafted rounds measure `scale` times what they took (nearly free, as measured, very
+        dear), each timing jittered: regimes far enough apart that a seed's runs cannot all choose the same."""
+        costs = CostModel()
+        observe = costs.observe
+        costs.observe = lambda b, t, d, vs, drafted=None: observe(
+            b, t, d * scale * jitter.uniform(0.5, 2), vs * (scale if b else 1) * jitter.uniform(0.5, 2), drafted)
+        return costs
+
+    chosen = set()
     for seed in range(4):
         cfg = GenerationConfig(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=seed)
         want = plain.generate(TEXT, cfg).token_ids
-        runs = [engine.generate(TEXT, cfg) for _ in range(3)]
+        runs = []
+        for scale in (0.01, 1.0, 100.0):
+            engine.costs = regime(scale)
+            runs.append(engine.generate(TEXT, cfg))
         assert [r.token_ids for r in runs] == [want] * 3
-    assert len({tuple(sorted(r.block_sizes.items())) for r in runs}) > 1  # the runs chose different blocks
+        chosen |= {tuple(sorted(r.block_sizes.items())) for r in runs}
+    assert len(chosen) > 1  # the runs chose different blocks
 
 
 RANDOM_OPS = {torch.multinomial, torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint,
