@@ -38,7 +38,10 @@ Plain rounds. With `allow_plain` (the engine's default) B = 0 is a candidate too
 commits exactly one token for v(0) seconds, so when no block is expected to pay for its drafting and
 its longer verification (a poor drafter, a text it cannot guess) the sequence decodes plainly and loses
 only the exploration rounds, which keep measuring acceptance so drafting resumes when it pays again.
-Without it, B stays in [1, max].
+A plain round ages the sequence's own counts (by sqrt(`decay`): half a drafted round's memory loss)
+towards the engine's (`shared`), so a few early misses do not hold a sequence in plain decoding for the
+rest of its text (with a dear draft pass, two or three misses on a short answer did): it drafts again
+within a few rounds, and a text that keeps missing still decodes plainly in most of them. Without it, B stays in [1, max].
 
 Trimming by confidence (`calibration`, the engine's default with block size auto). A drafter that
 reports its probability c_i of each drafted token lets a round draft the largest block B and then
@@ -184,15 +187,20 @@ class AcceptanceCounts:
     def observe(self, block_size: int, steps: int, accepted: int, shift: list[float] | None = None) -> None:
         """`shift`: subtract shift[i] from each acceptance at position i (a round at more steps, counted on the
         one-step scale); accepted counts stay within [0, reached]."""
-        for counts in self.counts.values():
-            for c in counts:
-                for i in range(len(c)):
-                    c[i] *= self.decay
+        self.age()
         reached, acc = self.get(steps)
         for i in range(min(accepted + 1, block_size)):
             reached[i] += 1
             acc[i] += (i < accepted) - (shift[i] if shift is not None else 0.0)
             acc[i] = min(reached[i], max(0.0, acc[i]))
+
+    def age(self, factor: float | None = None) -> None:
+        """Every count decays: by `decay` (a round observed), or by `factor`."""
+        factor = self.decay if factor is None else factor
+        for counts in self.counts.values():
+            for c in counts:
+                for i in range(len(c)):
+                    c[i] *= factor
 
     def means(self, steps: int, priors: list[float] | None = None) -> list[float]:
         """Posterior mean acceptance per position: counts plus `prior_strength` pseudo-rounds at the prior,
@@ -453,6 +461,8 @@ class Coordinator:
         path rows) of a draft tree, whose verify time counts against its number of tokens, not its depth."""
         self.costs.observe(len(tree[0]) if tree else block_size, steps, draft_s, verify_s, drafted)
         if block_size <= 0:
+            if self.shared is not None:  # a plain round ages the sequence's own counts towards the engine's
+                self._acc.age(math.sqrt(self._acc.decay))
             return
         if self.calibration is not None and conf:
             tried = Calibration.tried(conf if tree else conf[:block_size], accepted, tree)

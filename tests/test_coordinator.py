@@ -431,3 +431,38 @@ def test_trim_learns_per_sequence_what_the_drafters_confidence_is_worth():
     assert trimmed["bad"][0] < good.trim(conf) < 6 and bad.trim(conf) > trimmed["bad"][0]
     fresh = Coordinator(MAX_B, costs=costs, calibration=cal, seed=2)
     assert fresh.calibration_factor() == 1.0  # a new sequence starts from the engine's calibration
+
+
+def test_a_plain_round_ages_early_misses_so_drafting_resumes_where_the_engine_says_it_pays():
+    """A dear draft pass (about a third of a round, as a 0.5B drafter's on a CPU): a sequence whose first
+    rounds miss turns plain; each plain round ages its own counts towards the engine's (acceptance 0.8 here),
+    so it drafts again within a few rounds, while a text that keeps missing stays mostly plain."""
+    from hybrid.coordinator import AcceptanceCounts
+
+    dear = lambda b, t: 0.035 + 0.001 * t * (b + 1)  # noqa: E731
+
+    def engine_shared():
+        shared = AcceptanceCounts(MAX_B, decay=1.0)
+        shared.counts[1] = ([1e3] * MAX_B, [0.8e3] * MAX_B)
+        return shared
+
+    def run(alpha, rounds, seed):
+        """Every draft misses until the sequence first turns plain, then drafts are accepted at `alpha`."""
+        coord = Coordinator(MAX_B, seed=seed, explore=0.0, shared=engine_shared(), allow_plain=True)
+        rng, chosen = random.Random(seed), []
+        for _ in range(rounds):
+            b, t = coord.next()
+            if b == 0:
+                coord.observe(0, 0, 0, 0.0, verify_cost(0))
+            else:
+                acc = 0 if 0 not in chosen else next(i for i in range(b + 1) if i == b or rng.random() >= alpha)
+                coord.observe(b, t, acc, dear(b, t), verify_cost(b))
+            chosen.append(b)
+        return chosen
+
+    for seed in range(5):
+        good = run(0.8, 40, seed)
+        assert 0 in good[:8], good  # the early misses made it plain ...
+        assert sum(b > 0 for b in good[20:]) >= 15, good  # ... and it drafts again, for good
+        bad = run(0.05, 200, seed)
+        assert bad[40:].count(0) / 160 > 0.6, bad  # a text that keeps missing stays mostly plain
