@@ -306,7 +306,7 @@ class PassCosts:
 
         def one(n):
             v.score(seq, self.tokens[n][0])
-            v.rollback(seq, self.context)
+            seq.pool.rollback(seq, self.context)
 
         return {n: seconds_per_call(lambda: one(n), self.device, **self.timing) for n in ROWS}
 

@@ -62,6 +62,7 @@ class VllmJob:
     device: str = "cpu"
     max_model_len: int = 2048
     kv_cache_bytes: int = 1 << 30
+    levels: list[int] | None = None  # the concurrency bench: at each level that many prompts submitted together
 
 
 def speculative_config(job: VllmJob) -> dict | None:
@@ -77,14 +78,15 @@ def speculative_config(job: VllmJob) -> dict | None:
 
 
 def run_job(job: VllmJob, out_path: Path) -> None:
-    """In the child: build the engine, warm it up, time every prompt; one JSON PromptRun per line to out_path."""
+    """In the child: build the engine, warm it up, time every prompt; one JSON PromptRun per line to out_path (with
+    `levels`: one JSON LoadRun per request and level)."""
     import torch
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     from hybrid.bench import PromptRun
 
-    kw = dict(dtype=job.dtype, max_model_len=job.max_model_len, max_num_seqs=1, seed=job.seed,
+    kw = dict(dtype=job.dtype, max_model_len=job.max_model_len, max_num_seqs=max(job.levels or [1]), seed=job.seed,
               kv_cache_memory_bytes=job.kv_cache_bytes, enforce_eager=job.device == "cpu",
               disable_log_stats=False)
     spec = speculative_config(job)
@@ -121,6 +123,9 @@ def run_job(job: VllmJob, out_path: Path) -> None:
         return got, wall, ttft if ttft is not None else wall, tpot, metrics
 
     one("warmup", job.prompts[0], job.warmup_tokens, job.seed)
+    if job.levels:
+        run_levels(job, engine, spec is not None, sync, out_path)
+        return
     with open(out_path, "w") as f:
         for i, ids in enumerate(job.prompts):
             got, wall, ttft, tpot, m = one(str(i), ids, job.max_new_tokens, job.seed + i)
@@ -136,9 +141,92 @@ def run_job(job: VllmJob, out_path: Path) -> None:
             f.flush()
 
 
-def _child(job: VllmJob, workdir: Path, bar) -> list:
-    """Run one job in a child process; -> its PromptRuns. The bar advances as prompts finish."""
+def run_levels(job: VllmJob, engine, speculative: bool, sync, out_path: Path) -> None:
+    """In the child, the concurrency bench: at each level c, the first c prompts submitted together, every step
+    timestamped; one JSON LoadRun per request to out_path."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from hybrid.bench_load import LoadRun
+
+    with open(out_path, "w") as f:
+        for c in job.levels:
+            runs = {str(i): LoadRun(job.label, c, job.indexes[i], [], 0.0, 0.0, []) for i in range(c)}
+            last: dict[str, float] = {}
+            sync()
+            t0 = time.perf_counter()
+            for i in range(c):
+                sp = SamplingParams(temperature=job.temperature, top_p=job.top_p, seed=job.seed + i,
+                                    max_tokens=job.max_new_tokens, output_kind=RequestOutputKind.DELTA)
+                engine.add_request(f"{c}-{i}", {"prompt_token_ids": job.prompts[i]}, sp)
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    sync()
+                    t = time.perf_counter() - t0
+                    rid = o.request_id.split("-", 1)[1]
+                    run, new = runs[rid], list(o.outputs[0].token_ids)
+                    if new:
+                        if rid not in last:
+                            run.ttft_s = t
+                        else:
+                            run.tpot_s += [(t - last[rid]) / len(new)] * len(new)
+                        last[rid] = t
+                        run.token_ids += new
+                    run.wall_s = t
+                    m = o.outputs[0].spec_decode_metrics if o.finished and speculative else None
+                    if m is not None:
+                        run.committed = [a + 1 for a in m.per_step_accepted]
+                        run.block_sizes = list(m.per_step_drafted)
+            for run in runs.values():
+                f.write(json.dumps(asdict(run)) + "\n")
+            f.flush()
+
+
+def run_vllm_load(cfg, methods: list[str], levels: list[int], prompts: list[list[int]], indexes: list[int],
+                  drafter_spec: str | None, echo=print) -> list:
+    """The concurrency bench under vLLM: one child engine per method (`vllm-plain`, `vllm-hybrid` with our drafter
+    exported as `--backend vllm` runs it, K = --block-size or AUTO_K) -> LoadRuns."""
+    from tqdm import tqdm
+
+    from hybrid.bench_load import LoadRun
+    from hybrid.demo import resolve_model
+    from hybrid.vllm_export import export_vllm
+
+    verifier = resolve_model(cfg.verifier)
+    k = AUTO_K if cfg.block_size == "auto" else cfg.block_size
+    if cfg.block_size == "auto":
+        echo(f"note: vLLM keeps the draft length fixed per engine; block size auto runs as K={AUTO_K} there")
+    dtype = "auto" if cfg.dtype == "auto" else str(cfg.dtype).removeprefix("torch.")
+    longest = max(len(ids) for ids in prompts)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="hybrid-bench-vllm-") as tmp:
+        tmp = Path(tmp)
+        drafter_config = None
+        if "vllm-hybrid" in methods:
+            drafter_config = export_vllm(drafter_spec, tmp / "drafter-vllm", steps=1)["speculative_config"]
+        bar = tqdm(total=len(methods) * sum(levels), desc="bench (load, vLLM)", unit="request")
+        try:
+            for m in methods:
+                job = VllmJob(label=m, method="hybrid" if m == "vllm-hybrid" else "plain", verifier=verifier,
+                              prompts=prompts, categories=[""] * len(prompts), indexes=indexes,
+                              max_new_tokens=cfg.max_new_tokens, warmup_tokens=cfg.warmup_tokens,
+                              k=k if m == "vllm-hybrid" else 0,
+                              drafter=str(tmp / "drafter-vllm") if m == "vllm-hybrid" else None,
+                              drafter_config=drafter_config, temperature=cfg.temperature, top_p=cfg.top_p,
+                              seed=cfg.seed, dtype=dtype, device=cfg.device,
+                              max_model_len=longest + max(cfg.max_new_tokens, cfg.warmup_tokens) + k + 16,
+                              kv_cache_bytes=int(os.environ.get("HYBRID_VLLM_KV_BYTES", 2 << 30)), levels=levels)
+                runs += _child(job, tmp, bar, LoadRun)
+        finally:
+            bar.close()
+    return runs
+
+
+def _child(job: VllmJob, workdir: Path, bar, record=None) -> list:
+    """Run one job in a child process; -> its records (PromptRuns, or `record`s). The bar advances as they come."""
     from hybrid.bench import PromptRun
+
+    record = record or PromptRun
 
     job_file, out_file, log_file = (workdir / f"{job.label}.{ext}" for ext in ("job.json", "runs.jsonl", "log"))
     job_file.write_text(json.dumps(asdict(job)))
@@ -160,7 +248,7 @@ def _child(job: VllmJob, workdir: Path, bar) -> list:
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace").strip().splitlines()[-15:]
         raise UserError(f"vLLM engine for {job.label} failed (exit {proc.returncode}); its log ends:\n" + "\n".join(tail))
-    runs = [PromptRun(**json.loads(line)) for line in out_file.read_text().splitlines()]
+    runs = [record(**json.loads(line)) for line in out_file.read_text().splitlines()]
     if len(runs) > done:
         bar.update(len(runs) - done)
     return runs
@@ -174,14 +262,14 @@ def run_vllm_bench(cfg, progress: bool = True, echo=print):
     from hybrid.bench import DEFAULT_PROMPTS, BenchResult, load_prompts, summarise, variant_settings
     from hybrid.demo import resolve_model
     from hybrid.drafters import shipped_drafter
-    from hybrid.engine import Engine, GenerationConfig
+    from hybrid.engine import GenerationConfig
     from hybrid.verifiers.hf import encode_prompt
     from hybrid.vllm_export import export_vllm
 
     if importlib.util.find_spec("vllm") is None:
         raise UserError("--backend vllm needs vLLM: bash setup.sh --vllm (CPU) or pip install 'hybrid[vllm]' (GPU)")
-    Engine.check_basic(GenerationConfig(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size,
-                                        temperature=cfg.temperature, top_p=cfg.top_p))
+    GenerationConfig(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size, temperature=cfg.temperature,
+                     top_p=cfg.top_p)  # checked now
     if cfg.steps != "auto" and (not isinstance(cfg.steps, int) or cfg.steps < 1):
         raise UserError(f"--steps must be >= 1 or auto, got {cfg.steps}")
     methods = list(cfg.methods)

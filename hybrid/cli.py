@@ -86,10 +86,9 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
     """Generate a continuation of PROMPT, streaming text as the verifier commits it."""
     from hybrid.engine import Engine, GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens, block_size, steps, temperature, top_p, top_k, seed, list(stop), trim=trim,
-                           lookup=lookup, tree=tree)
-    cfg.sampling()  # validate what needs no model before loading models
-    Engine.check_basic(cfg)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, block_size=block_size, steps=steps, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seed, stop=stop, trim=trim, lookup=lookup,
+                           tree=tree)  # checked now, before any model loads
     if not prompt.strip():
         raise UserError("empty prompt: give at least one token of text")
     _quiet_transformers()
@@ -190,6 +189,13 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
     click.echo(f"drafter saved to {out}")
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes integers separated by commas, e.g. 1,4,16; got {text!r}") from None
+
+
 @cli.command()
 @click.option("--verifier", default=DEFAULT_VERIFIER, show_default=True, help="Hugging Face id, local folder, .gguf file or demo:NAME.")
 @click.option("--drafter", default=None, metavar="PATH", help="Our drafter (block-diffusion or parallel) for the `hybrid` method (default: the one shipped for the verifier, if any).")
@@ -220,13 +226,38 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--order", type=click.Choice(["interleaved", "method"]), default="interleaved", show_default=True,
               help="interleaved: each prompt through every method in turn (a drift in the machine's speed falls on all "
                    "alike); method: one method at a time. The vLLM backend runs one engine (method) at a time.")
+@click.option("--concurrency", default=None, metavar="LIST",
+              help="Many clients at once instead, e.g. 1,4,16: our batched engine against plain decoding batched the "
+                   "same way, and vLLM serving the model (vllm-plain, vllm-hybrid) where vLLM is installed; total and "
+                   "per-client tokens/s, TTFT and TPOT percentiles per level (methods: plain, hybrid, vllm-plain, "
+                   "vllm-hybrid).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
 def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
-          device, limit, order, as_json, plot_file, dtype):
+          device, limit, order, concurrency, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
+
+    if concurrency is not None:
+        from hybrid import bench_load as bl
+
+        levels = _int_list(concurrency, "--concurrency")
+        known = bl.LOAD_METHODS + bl.VLLM_LOAD_METHODS
+        picked = tuple(m.strip() for m in methods.split(",")) if methods else known
+        bad = [m for m in picked if m not in known]
+        if bad:
+            raise UserError(f"unknown method {bad[0]!r} for --concurrency: pick from {', '.join(known)}")
+        cfg = b.BenchConfig(verifier=verifier, drafter=drafter, methods=picked, prompts=prompts,
+                            max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+                            block_size=block_size, lookup=lookup, steps=steps, tree=tree, temperature=temperature,
+                            top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device)
+        _quiet_transformers()
+        result = bl.run_load_bench(cfg, levels, echo=lambda s: click.echo(s, err=True))
+        click.echo(bl.format_load_report(result))
+        if as_json:
+            click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        return
 
     if parallel_drafter and methods is None and backend == "transformers":
         methods = ",".join(b.METHODS + b.ASKED_METHODS)  # the default run, and the parallel drafter asked for
@@ -264,7 +295,10 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
 @click.option("--model-name", default="hybrid", show_default=True, help="The model id clients ask for.")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True)
 @_tree_option
-@click.option("--max-concurrent", type=int, default=8, show_default=True, help="Sequences decoding at once.")
+@click.option("--max-concurrent", type=int, default=8, show_default=True,
+              help="Requests decoding at once (each engine step: one verifier pass over all of them).")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Prompt tokens prefilled per engine step in all, beside the running requests' rounds.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 503.")
 @click.option("--max-prompt-tokens", type=int, default=4096, show_default=True)
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Largest max_tokens a request may ask.")
@@ -273,17 +307,18 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
 @click.option("--page-size", type=int, default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @_dtype_option
-def serve(verifier, drafter, host, port, model_name, block_size, tree, max_concurrent, max_queue, max_prompt_tokens,
-          max_tokens, max_body_bytes, num_pages, page_size, device, dtype):
+def serve(verifier, drafter, host, port, model_name, block_size, tree, max_concurrent, prefill_chunk, max_queue,
+          max_prompt_tokens, max_tokens, max_body_bytes, num_pages, page_size, device, dtype):
     """Serve the OpenAI API (chat and completions, streaming) on the embedded engine."""
     from hybrid.engine import Engine, GenerationConfig
     from hybrid.server import ServerConfig, serve as run_server
 
-    Engine.check_basic(GenerationConfig(block_size=block_size, tree=tree))  # before any model loads
+    GenerationConfig(block_size=block_size, tree=tree)  # checked before any model loads
     _quiet_transformers()
     engine = Engine.load(verifier, drafter, _torch_dtype(dtype), device, num_pages=num_pages, page_size=page_size)
     run_server(engine, host, port, ServerConfig(
-        model_name=model_name, max_concurrent=max_concurrent, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+        model_name=model_name, max_concurrent=max_concurrent, prefill_chunk=prefill_chunk, max_queue=max_queue,
+        max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens, block_size=block_size, tree=tree, max_body_bytes=max_body_bytes))
 
 

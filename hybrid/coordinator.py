@@ -69,11 +69,20 @@ when that beats the best drafter option's expected rate (else it drafts as usual
 `explore` the choice is random (the whole copy, or the drafter), so a losing source keeps being measured.
 
 Draft trees (`tree` > 0 in the loop). The drafter offers a best-first tree of depth B (the block size
-chosen as above) and `trim_tree` keeps its first N nodes (any prefix of a best-first list is a tree): node k
+chosen as above) and `trim` keeps its first N nodes (any prefix of a best-first list is a tree): node k
 is reached with r_k = r_parent * a(c_k), a(c) the calibration above applied to the node's own drafter
 probability, and N maximises 1 + sum_{k<=N} r_k - rate * v(N), v(N) the verify time of N tokens whatever
 their shape. Calibration learns from every node tried: the root's children and the children of accepted
 nodes (accepted iff on the path). Acceptance per position counts the accepted path's length as a chain's.
+A chain is the tree whose parents are i - 1, so trimming a chain is the same computation.
+
+Load. When several sequences share a verifier pass (hybrid.loop.Scheduler), a round's cost is the sequence's
+share of the pass (`CostModel.verify_share`): the pass's time with this sequence's plain row split evenly over
+its sequences, plus what its draft rows add to it. Each extra row is then weighed against the whole pass, so
+where rows are dear (a CPU running many sequences) sequences draft and verify less as the load grows, and where
+they are nearly free (a GPU at small batch) they go on drafting; a drafter that drafts all sequences in one
+pass has its fixed time split likewise. The scheduler sets the load before it plans each sequence and records
+each shared pass's timings itself.
 """
 from __future__ import annotations
 
@@ -83,8 +92,22 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Load:
+    """What the next pass carries besides one sequence's rows (set by the scheduler before it plans that sequence)."""
+
+    sequences: int = 1  # sequences decoding in the pass
+    others: int = 0  # verify rows the other sequences put in the pass (their last pass's)
+    shared_draft: bool = False  # the drafter drafts every sequence in one pass
+
+
+@dataclass
 class CostModel:
-    """Decayed least-squares fits of draft and verify seconds; shared by all sequences of an engine."""
+    """Decayed least-squares fits of draft and verify seconds; shared by all sequences of an engine.
+
+    Verify seconds are a pass's, as a function of its rows (rows - 1, the block size of a sequence alone). A
+    sequence in a pass with others is charged its share: the pass's time with its plain row, split evenly, plus
+    what its draft rows add to the pass, v(R + B) - v(R) with R the others' rows; likewise a drafter that drafts
+    every sequence in one pass splits that pass's fixed time. Alone (the default load) that is v(B) and d(B)."""
 
     decay: float = 0.98
     # sufficient statistics of y = a + b x: [n, sx, sxx, sy, sxy], decayed; the prior counts until data come
@@ -95,6 +118,7 @@ class CostModel:
     prior_draft: tuple[float, float] = (0.002, 0.001)  # seconds: a, b per (T * (B + 1))
     prior_verify: tuple[float, float] = (0.05, 0.004)  # seconds: a, b per B
     _monotone: dict[int, float] | None = field(default=None, repr=False)  # measured sizes' v(B), until the next round
+    load: Load = field(default_factory=Load)  # the pass being planned
 
     @staticmethod
     def _add(s: list[float], x: float, y: float, decay: float) -> None:
@@ -164,9 +188,23 @@ class CostModel:
         line = self._raw_verify(block_size)[0]
         return min(max([line, *below]), *above) if above else max([line, *below])
 
+    def verify_share(self, block_size: int) -> float:
+        """A sequence's share of the pass's verify seconds when it verifies `block_size` draft tokens (see above)."""
+        load = self.load
+        if load.sequences <= 1 and load.others == 0:
+            return self.verify_seconds(block_size)
+        base = self.verify_seconds(load.others)  # the pass with this sequence's plain row
+        return base / load.sequences + (self.verify_seconds(load.others + block_size) - base if block_size else 0.0)
+
     def seconds(self, block_size: int, steps: int) -> float:
-        d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1)) if block_size else 0.0
-        return d + self.verify_seconds(block_size)
+        """A round's expected seconds for one sequence: its draft (its share of a shared drafter pass) and verify."""
+        d = 0.0
+        if block_size:
+            d = self._fit(self.draft, self.prior_draft, steps * (block_size + 1))
+            if self.load.shared_draft and self.load.sequences > 1:
+                fixed = self._fit(self.draft, self.prior_draft, 0.0)
+                d -= fixed * (1 - 1 / self.load.sequences)
+        return d + self.verify_share(block_size)
 
 
 @dataclass
@@ -375,32 +413,17 @@ class Coordinator:
     def _alpha(self, conf: float, k: float) -> float:
         return min(0.999, k * self.calibration.alpha(conf))
 
-    def trim(self, conf: list[float]) -> int:
-        """How many of a draft's tokens to verify, given the drafter's confidence in each ([B]): the L in
-        [1, B] that maximises E[tau | L] - rate * v(L), with `rate` the tokens per second the sequence
-        expects (its best option's); the draft's own seconds are spent whatever L is."""
+    def trim(self, conf: list[float], parents: list[int] | None = None) -> int:
+        """How many nodes of a best-first draft tree to verify (the first N; any prefix is a tree; a chain is the
+        tree whose parents are i - 1, the default), given the drafter's probability of each node's token at its
+        position and each node's parent row: the N in [1, size] that maximises E[tau | N] - rate * v(N), where a
+        node is accepted with the product of its path's calibrated a(c), so E[tau | N] = 1 + the sum of that over
+        the first N nodes, `rate` is the tokens per second the sequence expects (its best option's), and v(N) the
+        verify time of N tokens (rows cost the same whether they form a chain or a tree; the draft's own seconds
+        are spent whatever N is)."""
         if self.calibration is None or not conf:
             return len(conf)
-        rate, k = self.best_option()[2], self.calibration_factor()
-        best, best_gain, tau, run = 1, float("-inf"), 1.0, 1.0
-        for length, c in enumerate(conf, start=1):
-            run *= self._alpha(c, k)
-            tau += run
-            gain = tau - rate * self.costs.verify_seconds(length)
-            if gain > best_gain:
-                best, best_gain = length, gain
-        self._verified = (self._verified + [best])[-self.recent:]
-        self._hit_cap = best == len(conf)
-        return best
-
-    def trim_tree(self, conf: list[float], parents: list[int]) -> int:
-        """How many nodes of a best-first draft tree to verify (the first N; any prefix is a tree), given the
-        drafter's probability of each node's token at its position and each node's parent row: the N in
-        [1, size] that maximises E[tau | N] - rate * v(N), where a node is accepted with the product of its
-        path's calibrated a(c), so E[tau | N] = 1 + the sum of that over the first N nodes, and v(N) is the
-        verify time of N tokens (rows cost the same whether they form a chain or a tree)."""
-        if self.calibration is None or not conf:
-            return len(conf)
+        parents = list(range(len(conf))) if parents is None else parents
         rate, k = self.best_option()[2], self.calibration_factor()
         best, best_gain, tau = 1, float("-inf"), 1.0
         reach = [1.0]  # per row: probability that the verifier's tokens follow the path to it
@@ -409,7 +432,7 @@ class Coordinator:
             reach.append(reach[p] * self._alpha(c, k))
             depth.append(depth[p] + 1)
             tau += reach[-1]
-            gain = tau - rate * self.costs.verify_seconds(n)
+            gain = tau - rate * self.costs.verify_share(n)
             if gain > best_gain:
                 best, best_gain = n, gain
         deepest = max(depth[1 : best + 1])
@@ -439,27 +462,31 @@ class Coordinator:
         taus = self.lookup_taus(match)
         best, best_rate = 0, self.best_option()[2]
         for length in range(1, size + 1):
-            rate = taus[length] / self.costs.verify_seconds(length)
+            rate = taus[length] / self.costs.verify_share(length)
             if rate > best_rate:
                 best, best_rate = length, rate
         return best
 
-    def observe_lookup(self, size: int, match: int, accepted: int, verify_s: float) -> None:
-        """Feedback after a prompt-lookup round: copied tokens verified, match length, accepted, verify time."""
-        self.costs.observe(size, 0, 0.0, verify_s, drafted=0)
+    def observe_lookup(self, size: int, match: int, accepted: int, verify_s: float | None) -> None:
+        """Feedback after a prompt-lookup round: copied tokens verified, match length, accepted, verify time (None:
+        the pass was shared, and the scheduler records its timings)."""
+        if verify_s is not None:
+            self.costs.observe(size, 0, 0.0, verify_s, drafted=0)
         if size <= 0:
             return
         self._lookup.observe(size, match, accepted)
         if self.shared_lookup is not None:
             self.shared_lookup.observe(size, match, accepted)
 
-    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float, verify_s: float,
+    def observe(self, block_size: int, steps: int, accepted: int, draft_s: float | None, verify_s: float | None,
                 drafted: int | None = None, conf: list[float] | None = None,
                 tree: tuple[list[int], list[int]] | None = None) -> None:
-        """Feedback after a round: block size verified (a tree's depth), steps, accepted count, timings, and
-        (trimmed rounds) the tokens drafted and the verified tokens' confidences; `tree`: (parents, accepted
-        path rows) of a draft tree, whose verify time counts against its number of tokens, not its depth."""
-        self.costs.observe(len(tree[0]) if tree else block_size, steps, draft_s, verify_s, drafted)
+        """Feedback after a round: block size verified (a tree's depth), steps, accepted count, timings (None: the
+        pass was shared with other sequences, and the scheduler records its timings), and (trimmed rounds) the
+        tokens drafted and the verified tokens' confidences; `tree`: (parents, accepted path rows) of a draft
+        tree (a chain's parents are i - 1), whose verify time counts against its number of tokens."""
+        if draft_s is not None and verify_s is not None:
+            self.costs.observe(len(tree[0]) if tree else block_size, steps, draft_s, verify_s, drafted)
         if block_size <= 0:
             if self.shared is not None:  # a plain round ages the sequence's own counts towards the engine's
                 self._acc.age(math.sqrt(self._acc.decay))

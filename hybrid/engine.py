@@ -11,14 +11,15 @@ import torch
 from hybrid.acceptance import SamplingParams
 from hybrid.coordinator import AcceptanceCounts, Calibration, Coordinator, CostModel
 from hybrid.drafters.ngram import NgramDrafter
-from hybrid.errors import UserError
-from hybrid.loop import FixedSchedule, LoopConfig, Round, check_prompt, request_tokens, speculative_decode
+from hybrid.errors import PagesExhausted, UserError
+from hybrid.loop import Active, FixedSchedule, LoopConfig, Round, Scheduler, check_prompt, request_tokens
 from hybrid.pages import PagePool
 from hybrid.verifiers.hf import HFVerifier
 
 
 MAX_TREE = 64  # draft tree tokens per verify pass
 AUTO_TREE = 8  # the tree budget of block size auto: 9 rows cost about 2 on a bf16 CPU (bench/verify_rows.py)
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens prefilled per step when requests run together
 
 
 def tree_budget(cfg: "GenerationConfig") -> int:
@@ -28,22 +29,37 @@ def tree_budget(cfg: "GenerationConfig") -> int:
     return cfg.tree
 
 
-@dataclass
+@dataclass(kw_only=True, frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 128
-    block_size: int | str = "auto"  # "auto": the coordinator chooses per round
-    steps: int | str = "auto"  # "auto": the coordinator chooses (with block size auto), else 1
-    temperature: float = 0.0
+    """One request's settings: keyword-only, checked once when made (UserError: a one-line message)."""
+
+    max_new_tokens: int = 128  # new tokens at most
+    block_size: int | str = "auto"  # draft tokens per round; "auto": the coordinator chooses per round
+    steps: int | str = "auto"  # denoising steps per draft; "auto": the coordinator chooses (with block size auto)
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # the same seed gives the same tokens (see README: what a seed guarantees)
+    stop: tuple[str, ...] = ()  # stop strings: the output ends before the text that completes one
     stop_on_eos: bool = True
     trim: bool = True  # with block size auto: verify as much of each draft as the drafter's confidence pays for
     lookup: int = 2  # prompt lookup before the drafter: the last >= 2 tokens recurring -> copy what followed (0: off)
     # verify draft trees of up to this many tokens (hybrid.tree; drafters with one pass per block), 0: chains;
     # "auto": AUTO_TREE tokens with block size auto (the coordinator trims each tree), chains with a fixed size
     tree: int | str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name, value in (("block size", self.block_size), ("steps", self.steps)):
+            if value != "auto" and (not isinstance(value, int) or value < 1):
+                raise UserError(f"{name} must be auto or an integer >= 1, got {value}")
+        if not isinstance(self.lookup, int) or self.lookup < 0:
+            raise UserError(f"lookup must be an integer >= 0 (0: off), got {self.lookup}")
+        if self.tree != "auto" and (not isinstance(self.tree, int) or not 0 <= self.tree <= MAX_TREE):
+            raise UserError(f"tree must be auto or an integer from 0 (chains) to {MAX_TREE}, got {self.tree}")
+        self.sampling()
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
@@ -122,23 +138,109 @@ class TextStream:
         return min(found) if found else None
 
 
+@dataclass(eq=False)
+class Handle:
+    """One request in a Batch: its sequence in the scheduler and its text so far."""
+
+    active: Active
+    text: TextStream
+    prompt_tokens: int
+    index: int = 0  # the caller's tag (generate_many: the prompt's index)
+    finished: bool = False
+
+    def event(self, r: Round) -> StreamEvent:
+        """The round as a stream event: its new text; a stop string ends the request where plain decoding would."""
+        delta = self.text.push(r.tokens, final=r.finish_reason is not None)
+        if self.text.stopped:  # the tokens past the one that completed a stop string are not output
+            r.tokens, r.finish_reason = r.tokens[: self.text.kept], "stop"
+        self.finished = r.finish_reason is not None
+        return StreamEvent(delta, r.tokens, r)
+
+
+class Batch:
+    """Requests decoded together: each `step` is one round for every running request, all their verify rows in one
+    verifier pass (hybrid.loop.Scheduler), each request's output what it would be alone."""
+
+    def __init__(self, engine: "Engine", prefill_chunk: int | None = None):
+        self.engine = engine
+        self.scheduler = Scheduler(engine.verifier, engine.drafter, engine.pool, engine.costs, prefill_chunk)
+        self.handles: dict[Active, Handle] = {}
+
+    def start(self, prompt_ids: list[int], cfg: GenerationConfig, index: int = 0) -> Handle:
+        """Start a request now: its worst case of KV pages is promised (PagesExhausted if the pool cannot hold it
+        beside what it promised others), so it runs to its end."""
+        engine = self.engine
+        engine.check(cfg)
+        check_prompt(prompt_ids, engine.verifier.max_context)
+        loop_cfg = engine.loop_config(cfg)
+        seq = engine.pool.new_sequence(request_tokens(len(prompt_ids), loop_cfg, engine.verifier.max_context))
+        try:
+            active = self.scheduler.add(prompt_ids, loop_cfg, cfg.sampling(), engine.schedule(cfg), seq)
+        except BaseException:
+            engine.pool.free(seq)
+            raise
+        handle = Handle(active, TextStream(engine.verifier.tokenizer, list(cfg.stop)), len(prompt_ids), index)
+        self.handles[active] = handle
+        return handle
+
+    def step(self) -> list[tuple[Handle, StreamEvent | Exception]]:
+        """One round for every running request -> each one's event; a finished request gives its pages back.
+        A step that fails before committing anything is run again one request at a time, so an error fails only
+        the requests it comes from: theirs is an Exception in place of an event (the request is closed)."""
+        try:
+            rounds = self.scheduler.step()
+        except Exception:
+            if self.scheduler.committing or len(self.handles) <= 1:
+                raise
+            rounds = []
+            for handle in list(self.handles.values()):
+                self.scheduler.reset(handle.active)
+                try:
+                    rounds += self.scheduler.step(only=[handle.active])
+                except Exception as e:  # this request's own error
+                    if self.scheduler.committing:
+                        raise
+                    rounds.append((handle.active, e))
+        events = []
+        for active, r in rounds:
+            handle = self.handles[active]
+            events.append((handle, r if isinstance(r, Exception) else handle.event(r)))
+            if handle.finished or isinstance(r, Exception):
+                self.close(handle)
+        return events
+
+    def close(self, handle: Handle) -> None:
+        """The request ends (finished, or its caller left): its sequence leaves the scheduler and frees its pages."""
+        handle.finished = True
+        self.handles.pop(handle.active, None)
+        self.scheduler.remove(handle.active)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+
 class Generation:
     """One request's stream of events; owns its sequence of the pool until it ends or is closed."""
 
-    def __init__(self, events: Iterator[StreamEvent], pool: PagePool, seq):
-        self.events, self.pool, self.seq = events, pool, seq
+    def __init__(self, batch: Batch, handle: Handle):
+        self.batch, self.handle = batch, handle
+        self.pending: list[StreamEvent] = []
 
     def __iter__(self) -> "Generation":
         return self
 
     def __next__(self) -> StreamEvent:
-        return next(self.events)
+        while not self.pending:
+            if self.handle.finished:
+                raise StopIteration
+            self.pending = [ev for _, ev in self.batch.step()]
+        ev = self.pending.pop(0)
+        if isinstance(ev, Exception):
+            raise ev
+        return ev
 
     def close(self) -> None:
-        try:
-            self.events.close()
-        finally:
-            self.pool.free(self.seq)  # also when the stream never started (a generator's finally would not run)
+        self.batch.close(self.handle)
 
 
 class Engine:
@@ -177,22 +279,8 @@ class Engine:
     def encode_messages(self, messages: list[dict]) -> list[int]:
         return self.verifier.encode_messages(messages)
 
-    @staticmethod
-    def check_basic(cfg: GenerationConfig) -> None:
-        """Checks that need no model."""
-        if cfg.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-        for name, value in (("block size", cfg.block_size), ("steps", cfg.steps)):
-            if value != "auto" and (not isinstance(value, int) or value < 1):
-                raise UserError(f"{name} must be auto or an integer >= 1, got {value}")
-        if not isinstance(cfg.lookup, int) or cfg.lookup < 0:
-            raise UserError(f"lookup must be an integer >= 0 (0: off), got {cfg.lookup}")
-        if cfg.tree != "auto" and (not isinstance(cfg.tree, int) or not 0 <= cfg.tree <= MAX_TREE):
-            raise UserError(f"tree must be auto or an integer from 0 (chains) to {MAX_TREE}, got {cfg.tree}")
-        cfg.sampling()
-
     def check(self, cfg: GenerationConfig) -> None:
-        self.check_basic(cfg)
+        """What a request's config must satisfy for this engine's drafter (the config checked itself when made)."""
         if self.drafter is not None and cfg.block_size != "auto" and cfg.block_size > self.drafter.max_block_size:
             raise UserError(
                 f"block size {cfg.block_size} is above the drafter's maximum of {self.drafter.max_block_size}: "
@@ -233,52 +321,99 @@ class Engine:
                schedule=None) -> "Generation":
         """Yield committed text as each round commits it. The request's worst case of KV pages is promised
         now (PagesExhausted if the pool cannot hold it beside what it promised others), so once it starts
-        it runs to its end; close() (or leaving the loop) gives them back."""
-        self.check(cfg)
-        ids = self.encode(prompt, chat)
-        check_prompt(ids, self.verifier.max_context)
-        loop_cfg = self.loop_config(cfg)
-        seq = self.pool.new_sequence(request_tokens(len(ids), loop_cfg, self.verifier.max_context))
-        rounds = speculative_decode(self.verifier, self.drafter, self.pool, ids, loop_cfg, cfg.sampling(),
-                                    schedule or self.schedule(cfg), seq=seq)
-        return Generation(self._events(rounds, TextStream(self.verifier.tokenizer, cfg.stop)), self.pool, seq)
+        it runs to its end; close() (or leaving the loop) gives them back. `schedule`: instead of the
+        engine's coordinator (tests)."""
+        batch = self.batch()
+        handle = batch.start(self.encode(prompt, chat), cfg)
+        if schedule is not None:
+            handle.active.schedule = schedule
+        return Generation(batch, handle)
 
-    @staticmethod
-    def _events(rounds, text: "TextStream") -> Iterator[StreamEvent]:
+    def batch(self, prefill_chunk: int | None = None) -> Batch:
+        """A batch of requests decoded together over this engine (`prefill_chunk`: prompt tokens prefilled per
+        step in all, None: whole prompts)."""
+        return Batch(self, prefill_chunk)
+
+    def stream_many(self, prompts: list[str | list[int]], cfgs: GenerationConfig | list[GenerationConfig],
+                    chat: bool = False, max_concurrent: int | None = None,
+                    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Iterator[tuple[int, StreamEvent]]:
+        """Decode many prompts together: (prompt index, event) as each round commits. Requests start first in
+        first out while fewer than `max_concurrent` run and the pool can promise the next its worst case."""
+        cfgs = cfgs if isinstance(cfgs, list) else [cfgs] * len(prompts)
+        if len(cfgs) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(cfgs)} configs: give one config or one per prompt")
+        encoded = [self.encode(p, chat) for p in prompts]
+        for ids, cfg in zip(encoded, cfgs):
+            self.check(cfg)
+            check_prompt(ids, self.verifier.max_context)
+            if self.request_pages(len(ids), cfg) > self.pool.num_pages:
+                raise PagesExhausted(f"a request needs {self.request_pages(len(ids), cfg)} KV pages, the pool "
+                                     f"has {self.pool.num_pages}: raise --num-pages or shorten the request")
+        batch, waiting = self.batch(prefill_chunk), list(range(len(prompts)))
         try:
-            for r in rounds:
-                delta = text.push(r.tokens, final=r.finish_reason is not None)
-                if text.stopped:  # the tokens past the one that completed a stop string are not output
-                    r.tokens, r.finish_reason = r.tokens[: text.kept], "stop"
-                yield StreamEvent(delta, r.tokens, r)
-                if text.stopped:
-                    return
+            while waiting or len(batch):
+                while waiting and (max_concurrent is None or len(batch) < max_concurrent) and \
+                        self.request_pages(len(encoded[waiting[0]]), cfgs[waiting[0]]) <= self.pool.available_pages:
+                    i = waiting.pop(0)
+                    batch.start(encoded[i], cfgs[i], index=i)
+                if not len(batch):
+                    raise PagesExhausted("the pool cannot hold the next request beside nothing else")
+                for handle, ev in batch.step():
+                    if isinstance(ev, Exception):
+                        raise ev
+                    yield handle.index, ev
         finally:
-            rounds.close()  # frees the sequence's pages, also when the consumer stops early
+            for handle in list(batch.handles.values()):
+                batch.close(handle)
+
+    def generate_many(self, prompts: list[str | list[int]], cfgs: GenerationConfig | list[GenerationConfig] | None = None,
+                      chat: bool = False, max_concurrent: int | None = None,
+                      prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> list[GenerationResult]:
+        """Generate from many prompts together (see stream_many) -> one result per prompt, in order; each one's
+        times are from this call's start (its wall time includes waiting to start)."""
+        cfgs = cfgs or GenerationConfig()
+        t0 = time.perf_counter()
+        results = [_Collect(t0) for _ in prompts]
+        for i, ev in self.stream_many(prompts, cfgs, chat, max_concurrent, prefill_chunk):
+            results[i].add(ev)
+        return [r.result(len(self.encode(p, chat))) for r, p in zip(results, prompts)]
 
     def generate(self, prompt: str | list[int], cfg: GenerationConfig | None = None, chat: bool = False,
                  on_text=None, schedule=None) -> GenerationResult:
         cfg = cfg or GenerationConfig()
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt, chat)
-        ids: list[int] = []
-        text, rounds = "", []
-        ttft = None
-        finish = "length"
+        collect = _Collect(t0)
         events = self.stream(prompt_ids, cfg, schedule=schedule)
         for ev in events:
-            ids += ev.tokens
-            text += ev.text
+            collect.add(ev)
             if on_text and ev.text:
                 on_text(ev.text)
-            if ev.tokens and ttft is None:
-                ttft = time.perf_counter() - t0
-            if ev.round.block_size or ev.round.tokens:
-                rounds.append(ev.round)
-            finish = ev.round.finish_reason or finish
         events.close()
-        wall = time.perf_counter() - t0
-        return summarize(text, ids, rounds, wall, ttft or wall, finish, len(prompt_ids))
+        return collect.result(len(prompt_ids))
+
+
+class _Collect:
+    """A request's events gathered into its GenerationResult."""
+
+    def __init__(self, t0: float):
+        self.t0, self.ids, self.text, self.rounds = t0, [], "", []
+        self.ttft, self.end, self.finish = None, None, "length"
+
+    def add(self, ev: StreamEvent) -> None:
+        now = time.perf_counter()
+        self.ids += ev.tokens
+        self.text += ev.text
+        if ev.tokens and self.ttft is None:
+            self.ttft = now - self.t0
+        if ev.round.block_size or ev.round.tokens:
+            self.rounds.append(ev.round)
+        self.finish = ev.round.finish_reason or self.finish
+        self.end = now
+
+    def result(self, prompt_tokens: int) -> GenerationResult:
+        wall = (self.end or time.perf_counter()) - self.t0
+        return summarize(self.text, self.ids, self.rounds, wall, self.ttft or wall, self.finish, prompt_tokens)
 
 
 def summarize(text, ids, rounds: list[Round], wall, ttft, finish, prompt_tokens) -> GenerationResult:

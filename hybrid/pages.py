@@ -7,7 +7,10 @@ never runs out of pages halfway, whatever the other sequences do. A sequence own
 page id holds the same positions for the verifier's layers and the drafter's layers, so a
 roll back frees a page for both models at once.
 
-Each model registers a cache ``kv [L, 2, num_pages, P, H, D]``; the page work itself
+Each model registers a cache ``kv [L, 2, num_pages, P, H, D]`` and sees a sequence's keys/values through one
+``KVView`` (``pool.view(seq, model)``): write and fetch, trim to n (returning how many it removed), move.
+Nothing else writes a model's length; a roll back of the sequence (``pool.rollback``) trims every view and
+frees the pages past it. The page work itself
 (write by slot mapping, gather, copy, block-table roll back) lives in ``hybrid.cuda``:
 the torch reference everywhere, CuPy kernels on a GPU.
 """
@@ -42,6 +45,42 @@ class Sequence:
     def length(self) -> int:
         """Positions held by the sequence: the furthest any model has written."""
         return max(self.lengths.values(), default=0)
+
+
+class KVView:
+    """One model's keys/values of one sequence: what that model reads and writes, and all it may change."""
+
+    def __init__(self, pool: "PagePool", seq: Sequence, model: str):
+        self.pool, self.seq, self.model = pool, seq, model
+
+    @property
+    def length(self) -> int:
+        """Positions [0, length) hold this model's keys/values."""
+        return self.seq.lengths[self.model]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values k, v [T, H, D] of positions [start, start + T) of one layer (pages reserved by `extend`)."""
+        self.pool.write(self.model, layer, self.seq, start, k, v)
+
+    def fetch(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of positions [0, length) of one layer: k, v [length, H, D]."""
+        return self.pool.gather(self.model, layer, self.seq, length)
+
+    def extend(self, length: int) -> None:
+        """Make room for positions [0, length) (taking pages from the pool) and record them as this model's."""
+        self.pool.reserve(self.seq, length)
+        self.pool.advance(self.model, self.seq, length)
+
+    def trim(self, n: int) -> int:
+        """Drop this model's positions past n (rows a pass wrote and does not keep); returns how many. Pages stay
+        with the sequence: `PagePool.rollback` frees them for every model at once."""
+        removed = max(0, self.length - n)
+        self.seq.lengths[self.model] -= removed
+        return removed
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy positions src to dst (every layer), in order: a draft tree's accepted path to the committed positions."""
+        self.pool.move(self.model, self.seq, src, dst)
 
 
 class PagePool:
@@ -102,6 +141,13 @@ class PagePool:
 
     def sequences(self) -> list[Sequence]:
         return list(self._seqs.values())
+
+    def view(self, seq: Sequence, model: str) -> KVView:
+        """`model`'s keys/values of `seq`."""
+        if model not in self.kv:
+            raise KeyError(f"model {model!r} is not registered with this pool")
+        seq.lengths.setdefault(model, 0)
+        return KVView(self, seq, model)
 
     def check_fits(self, seq: Sequence, n_tokens: int) -> int:
         """Pages seq still needs to cover n_tokens; raises PagesExhausted if fewer are free that no other

@@ -1,8 +1,9 @@
 """`hybrid serve`: an OpenAI-compatible streaming server on the embedded engine.
 
-One engine thread owns the models. Admitted requests are interleaved round by round (each active
-sequence runs one speculative round in turn), so every client streams at once and none waits for
-another to finish. A request is admitted once a sequence slot is free (`max_concurrent`) and the page
+One engine thread owns the models. Admitted requests are decoded together: each engine step is one
+speculative round for every running request, all their verify rows in one verifier pass (hybrid.loop), new
+prompts prefilled in chunks beside them, so every client streams at once and none waits for another to
+finish, and a pass's cost is shared by all. A request is admitted once a sequence slot is free (`max_concurrent`) and the page
 pool can promise it its worst case of KV pages, so an admitted request always runs to its end; the
 others wait in a FIFO queue (503 once `max_queue` is full; 400 at once for a request the pool can never
 hold). Tokens go on the wire as soon as a round commits them. A client that disconnects, while its
@@ -41,6 +42,7 @@ CLIENT_GONE = "499"  # the status a request is counted under when its client lea
 class ServerConfig:
     model_name: str = "hybrid"
     max_concurrent: int = 8  # sequences decoding at once
+    prefill_chunk: int = 64  # prompt tokens prefilled per engine step, in all (a long prompt does not stall the others)
     max_queue: int = 64  # waiting requests beyond that get 503
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024  # cap on a request's max_tokens
@@ -135,7 +137,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # ("text", str), ("done", finish reason), an APIError, or None: closed unanswered
     cancelled: threading.Event = field(default_factory=threading.Event)
-    stream: Any = None  # the engine's Generation, once admitted
     watcher: asyncio.Task | None = None  # cancels the job when the client disconnects
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -162,6 +163,11 @@ class Metrics:
                                     buckets=[1, 2, 3, 4, 5, 6, 8, 10, 12, 17])
         self.block_size = Histogram("hybrid_block_size", "Draft tokens per round", registry=r,
                                     buckets=[0, 1, 2, 4, 6, 8, 12, 16])
+        self.batch = Histogram("hybrid_batch_sequences", "Requests decoding in each engine step", registry=r,
+                               buckets=[1, 2, 4, 8, 16, 32, 64])
+        self.pass_rows = Histogram("hybrid_verify_rows", "Rows of each verifier pass (all requests' draft tokens, "
+                                   "last tokens and prompt chunks): what the coordinator chose under load", registry=r,
+                                   buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256])
         self.ttft = Histogram("hybrid_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
         self.latency = Histogram("hybrid_request_seconds", "Request latency", registry=r,
@@ -173,12 +179,13 @@ class Metrics:
 
 
 class EngineWorker:
-    """Runs all generation on one thread, interleaving active sequences round by round."""
+    """Runs all generation on one thread: every step is one round for every active request, in one batch."""
 
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics):
         self.engine, self.config, self.metrics = engine, config, metrics
+        self.batch = engine.batch(config.prefill_chunk)
         self.waiting: deque[Job] = deque()
-        self.active: list[Job] = []
+        self.active: dict[Any, Job] = {}  # the batch's handle -> its job
         self.cv = threading.Condition()
         self.stopped = False
         self.thread = threading.Thread(target=self.run, name="hybrid-engine", daemon=True)
@@ -193,7 +200,7 @@ class EngineWorker:
             self.cv.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: a waiting job leaves the queue now, a running one is closed at its next turn."""
+        """The client is gone: a waiting job leaves the queue now, a running one is closed before the next step."""
         job.cancelled.set()
         with self.cv:
             try:
@@ -216,12 +223,15 @@ class EngineWorker:
                     self._shut_down()
                     return
                 self._admit()
-            for job in list(self.active):  # one round per active sequence, in turn
-                self._step(job)
+            for handle, job in list(self.active.items()):  # clients that left give their pages back first
+                if job.cancelled.is_set():
+                    self._finish(handle, None)
+            if self.active:
+                self._step()
 
     def _admit(self) -> None:
         """Start waiting jobs, first in first out, while a sequence slot is free and the pool can promise
-        the head of the queue its worst case of pages (its promise is taken by `engine.stream`)."""
+        the head of the queue its worst case of pages (the batch takes its promise when it starts it)."""
         pool = self.engine.pool
         while self.waiting and len(self.active) < self.config.max_concurrent:
             job = self.waiting[0]
@@ -231,31 +241,38 @@ class EngineWorker:
                     raise too_large(need, pool.num_pages)
                 if need > pool.available_pages:
                     return  # it waits until running requests give their pages back
-                job.stream = self.engine.stream(job.prompt_ids, job.cfg)
+                handle = self.batch.start(job.prompt_ids, job.cfg)
             except Exception as e:  # this request fails; the queue goes on
                 self.waiting.popleft()
                 job.emit(as_api_error(e))
                 continue
             self.waiting.popleft()
-            self.active.append(job)
+            self.active[handle] = job
 
-    def _step(self, job: Job) -> None:
-        """One round of the job's sequence; its end, an error or its client leaving finishes it."""
-        if job.cancelled.is_set():
-            self._finish(job, None)
-            return
+    def _step(self) -> None:
+        """One round of every active request; a request's end, or an error in the step, finishes it."""
         try:
-            ev = next(job.stream)
+            events = self.batch.step()
+        except Exception as e:  # the step failed: its requests get an error answer; the server goes on
+            log.exception("engine step failed")
+            for handle in list(self.active):
+                self._finish(handle, as_api_error(e))
+            return
+        self.metrics.batch.observe(len(self.active))
+        rows = [ev.round.rows for _, ev in events if not isinstance(ev, Exception)]
+        if rows:
+            self.metrics.pass_rows.observe(rows[0])
+        for handle, ev in events:
+            job = self.active.get(handle)
+            if job is None:
+                continue
+            if isinstance(ev, Exception):  # this request's own error: the others go on
+                self._finish(handle, as_api_error(ev))
+                continue
             self._record(job, ev)
-        except StopIteration:
-            self._finish(job, ("done", "length"))
-            return
-        except Exception as e:  # this request gets an error answer; the others go on
-            self._finish(job, as_api_error(e))
-            return
-        job.emit(("text", ev.text))
-        if ev.round.finish_reason is not None:
-            self._finish(job, ("done", "length" if ev.round.finish_reason == "length" else "stop"))
+            job.emit(("text", ev.text))
+            if ev.round.finish_reason is not None:
+                self._finish(handle, ("done", "length" if ev.round.finish_reason == "length" else "stop"))
 
     def _record(self, job: Job, ev) -> None:
         r = ev.round
@@ -269,12 +286,12 @@ class EngineWorker:
                 job.first_token_at = time.perf_counter()
                 self.metrics.ttft.observe(job.first_token_at - job.created)
 
-    def _finish(self, job: Job, item) -> None:
-        self.active.remove(job)
+    def _finish(self, handle, item) -> None:
+        job = self.active.pop(handle)
         try:
-            job.stream.close()  # gives the sequence's pages back
+            self.batch.close(handle)  # gives the sequence's pages back
         except Exception as e:  # the pages go back all the same
-            job.stream.pool.free(job.stream.seq)
+            self.engine.pool.free(handle.active.seq)
             item = as_api_error(e)
         job.emit(item)
         self.metrics.latency.observe(time.perf_counter() - job.created)
@@ -282,8 +299,8 @@ class EngineWorker:
     def _shut_down(self) -> None:
         """Answer every request still running or waiting: the server is going away."""
         gone = APIError(503, "server shutting down", "server_error")
-        for job in list(self.active):
-            self._finish(job, gone)
+        for handle in list(self.active):
+            self._finish(handle, gone)
         while self.waiting:
             self.waiting.popleft().emit(gone)
 

@@ -293,3 +293,29 @@ def test_parallel_drafter_runs_beside_the_others_when_given(models, tmp_path, ca
     r = run_bench(BenchConfig(verifier=str(verifier), prompts=str(prompts), limit=1, methods=("plain", "parallel"),
                               max_new_tokens=4), progress=False, echo=lambda *_: None)
     assert "parallel" in r.skipped
+
+
+def test_concurrency_bench_runs_each_level_batched_and_lossless(models, capsys):
+    """`--concurrency 1,3`: plain and our drafter at one and three clients at once; every figure per level, every
+    output equal to plain's, the coordinator's choices reported (rows per pass grow with the clients)."""
+    verifier, _, drafter, prompts = models
+    code, out, err = run_cli(capsys, "bench", "--concurrency", "1,3", "--verifier", str(verifier), "--drafter",
+                             str(drafter), "--prompts", str(prompts), "--max-new-tokens", "10", "--block-size", "3",
+                             "--methods", "plain,hybrid", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    stats = {(s["method"], s["clients"]): s for s in result["stats"]}
+    assert set(stats) == {("plain", 1), ("hybrid", 1), ("plain", 3), ("hybrid", 3)}
+    for (m, c), s in stats.items():
+        assert s["tokens_per_s_total"] > 0 and s["tokens_per_s_per_client"] > 0 and s["ttft_p50_s"] > 0
+        assert s["tpot_p50_s"] is not None and s["mean_pass_rows"] >= 1
+        if m == "hybrid":
+            assert s["identical_to_plain"] is True and s["mean_block_size"] > 0
+    assert stats[("plain", 3)]["mean_pass_rows"] > stats[("plain", 1)]["mean_pass_rows"]  # one pass for all
+    runs = [r for r in result["runs"] if r["clients"] == 3]
+    assert len(runs) == 6 and all(len(r["token_ids"]) == 10 for r in runs)
+    assert "vs 1 client" in out and "rows/pass" in out
+    code, _, err = run_cli(capsys, "bench", "--concurrency", "1,x", "--verifier", str(verifier))
+    assert code == 2 and "--concurrency" in err
+    code, _, err = run_cli(capsys, "bench", "--concurrency", "2", "--methods", "plain,turbo", "--verifier", str(verifier))
+    assert code == 2 and "turbo" in err

@@ -381,7 +381,7 @@ def test_calibration_of_a_tree_counts_every_tried_node():
     assert sum(cal.reached) == 4
 
 
-def test_trim_tree_keeps_the_nodes_whose_path_pays_for_its_row():
+def test_trimming_a_tree_keeps_the_nodes_whose_path_pays_for_its_row():
     """A node pays when the calibrated probability of reaching it beats rate * (v(N+1) - v(N)): the likely
     paths are kept whole, the unlikely runners-up cut; rows that cost much keep only the first node."""
     from hybrid.coordinator import Calibration
@@ -395,13 +395,13 @@ def test_trim_tree_keeps_the_nodes_whose_path_pays_for_its_row():
     # calibrated reach (prior = bin centre): .65, .62, .59, .35, .05, .0175; a row costs rate * 0.006 tokens
     threshold = coord.best_option()[2] * 0.006
     assert 0.05 < threshold < 0.35
-    assert coord.trim_tree(conf, parents) == 4
+    assert coord.trim(conf, parents) == 4
     assert coord._verified[-1] == 3 and coord._hit_cap  # deepest kept node at depth 3, the whole depth drafted
     for _ in range(60):  # rows now cost 0.5 s each
         coord.costs.observe(4, 1, draft_cost(4, 1), 0.08 + 0.5 * 4, drafted=8)
         coord.costs.observe(1, 1, draft_cost(1, 1), 0.08 + 0.5 * 1)
-    assert coord.trim_tree(conf, parents) == 1
-    assert Coordinator(MAX_B).trim_tree(conf, parents) == 6  # no calibration: the whole tree
+    assert coord.trim(conf, parents) == 1
+    assert Coordinator(MAX_B).trim(conf, parents) == 6  # no calibration: the whole tree
 
 
 def test_trim_learns_per_sequence_what_the_drafters_confidence_is_worth():
@@ -424,7 +424,7 @@ def test_trim_learns_per_sequence_what_the_drafters_confidence_is_worth():
         bad.observe(3, 1, 0, 0.01, 0.08 + row * 6, 6, conf, (parents, []))
     assert 0.3 < cal.alpha(0.75) < 0.7  # the engine's estimate: the mix of both
     assert good.calibration_factor() > 1.3 and bad.calibration_factor() < 0.2
-    trimmed = {name: (c.trim(conf), c.trim_tree(conf, parents)) for name, c in (("good", good), ("bad", bad))}
+    trimmed = {name: (c.trim(conf), c.trim(conf, parents)) for name, c in (("good", good), ("bad", bad))}
     assert trimmed["good"] == (6, 6)  # the whole chain, the whole tree
     assert trimmed["bad"][0] <= 2 and trimmed["bad"][1] < 6
     good._seq_cal, bad._seq_cal = [0.0, 0.0], [0.0, 0.0]  # the engine's a(c) alone: the chain in between

@@ -113,11 +113,10 @@ def test_auto_with_trimming_is_lossless_and_verifies_less_than_it_drafts():
     prompt = [5, 9, 14, 20, 33]
     trims = []  # (drafted, verified) per round
     for seed in range(3):
-        for tree in (0, "auto"):  # chains (trim) and draft trees (trim_tree, the default with block size auto)
+        for tree in (0, "auto"):  # chains and draft trees (the default with block size auto)
             sched = engine.schedule(GenerationConfig(seed=seed))
-            name = "trim_tree" if tree else "trim"
-            real = getattr(sched, name)
-            setattr(sched, name, lambda *a, real=real, tree=tree: trims.append((tree, len(a[0]), real(*a))) or trims[-1][2])
+            real = sched.trim
+            sched.trim = lambda *a, real=real, tree=tree: trims.append((tree, len(a[0]), real(*a))) or trims[-1][2]
             r = engine.generate(prompt, GenerationConfig(max_new_tokens=24, stop_on_eos=False, seed=seed, tree=tree),
                                 schedule=sched)
             assert r.token_ids == greedy_reference(v, prompt, 24)

@@ -141,7 +141,7 @@ def test_generate_roll_back_regenerate_gives_same_tokens_and_logits(family):
         logits.append(out.logits[0])
         tokens.append(int(out.logits[0].argmax()))
     n = seq.length
-    assert v.rollback(seq, n - 4) == 4
+    assert pool.rollback(seq, n - 4) == 4
     assert seq.length == n - 4
     again = v.score(seq, torch.tensor(tokens[-5:-1]))  # the last 4 inputs again, in one pass
     assert again.logits.argmax(-1).tolist() == tokens[-4:]

@@ -60,7 +60,7 @@ def test_training_rows_compute_what_the_drafter_computes_at_inference():
     d.lm.attach(pool)
     ctx = Context(seq[: a + 1].tolist(), pool.new_sequence())
     d.lm.prefill(ctx.seq, seq[:3])  # part of the context already read, as after earlier rounds
-    inferred = d.block_logits(ctx, B)
+    inferred = d.block_logits([ctx], [B])[0]
     torch.testing.assert_close(trained, inferred, atol=1e-4, rtol=1e-4)
     assert ctx.seq.lengths[d.lm.name] == a + 1  # the mask rows are not kept
 

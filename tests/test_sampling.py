@@ -91,8 +91,15 @@ def pvalue(outputs, joint, groups=None) -> float:
     return chisquare(np.append(obs[big], rare_obs), np.append(exp[big], rare_exp)).pvalue
 
 
-def generate(engine, seeds, cfg: GenerationConfig, prompt=PROMPT, schedule=None):
-    """Token ids of one run per seed (and the runs' results)."""
+def generate(engine, seeds, cfg: GenerationConfig, prompt=PROMPT, schedule=None, batch=1):
+    """Token ids of one run per seed (and the runs' results); `batch` > 1: that many seeds' requests decoded
+    together (one verifier pass per step for all, with the engine's own schedules)."""
+    if batch > 1:
+        seeds = list(seeds)
+        runs = [r for i in range(0, len(seeds), batch)
+                for r in engine.generate_many([list(prompt)] * len(seeds[i : i + batch]),
+                                              [replace(cfg, seed=s) for s in seeds[i : i + batch]])]
+        return [r.token_ids for r in runs], runs
     runs = [engine.generate(list(prompt), replace(cfg, seed=s), schedule=schedule() if schedule else None)
             for s in seeds]
     return [r.token_ids for r in runs], runs
@@ -147,7 +154,7 @@ class ThresholdTrim(FixedSchedule):
 
     level: float = 0.5
 
-    def trim(self, conf):
+    def trim(self, conf, parents=None):
         return max(1, next((i for i, c in enumerate(conf) if c < self.level), len(conf)))
 
 
@@ -243,6 +250,18 @@ def test_deterministic_check_catches_a_walk_that_trusts_the_draft(verifier, plai
     monkeypatch.setattr(loop_mod, "accept_tree", biased_walk)
     ids, _, params, prompt = run_deterministic(verifier, name)
     assert sum(a != b for a, b in zip(ids, plain(params, prompt))) > len(ids) / 4
+
+
+@pytest.mark.parametrize("name", ["chain", "tree", "lookup"])
+def test_deterministic_drafts_in_a_batch_commit_exactly_what_plain_sampling_does(verifier, plain, name):
+    """Several sequences in each verifier pass (six seeds' requests decoded together): each one's tokens are
+    still plain sampling's for its seed."""
+    make, kw, prompt, _ = DETERMINISTIC[name]
+    params = {k: kw[k] for k in ("temperature", "top_p", "top_k") if k in kw}
+    ids, runs = generate(make(verifier), SEEDS, GenerationConfig(max_new_tokens=NEW, stop_on_eos=False, **kw), prompt,
+                         batch=6)
+    assert ids == plain(params, prompt)
+    assert sum(a > 1 for r in runs for a in r.acceptance_lengths) > 20  # draft tokens were accepted
 
 
 # -- sampled drafts: the joint law of the first tokens ------------------------------------------
@@ -345,10 +364,10 @@ SAMPLED = {  # name: (engine, config, schedule, biased variant (object, attribut
 }
 
 
-def sampled_pvalue(verifier, name, samples) -> float:
+def sampled_pvalue(verifier, name, samples, batch=1) -> float:
     make, kw, schedule, _, _ = SAMPLED[name]
     cfg = GenerationConfig(max_new_tokens=kw["block_size"] + 1, lookup=0, tree=0, **T1, **kw)
-    ids, runs = generate(make(verifier), range(samples), cfg, PROMPT, schedule)
+    ids, runs = generate(make(verifier), range(samples), cfg, PROMPT, schedule, batch)
     assert sum(a >= 3 for r in runs for a in r.acceptance_lengths) > samples / 10  # later block positions reached
     a, b = top_tokens(verifier, 2)
     groups = [2] * V
@@ -359,6 +378,17 @@ def sampled_pvalue(verifier, name, samples) -> float:
 @pytest.mark.parametrize("name", list(SAMPLED))
 def test_sampled_drafts_match_the_verifier_distribution(verifier, name):
     assert sampled_pvalue(verifier, name, SAMPLED[name][4]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["causal", "parallel"])
+def test_sampled_drafts_in_a_batch_match_the_verifier_distribution(verifier, name):
+    """Eight requests decoded together per batch (the parallel drafter drafts them in one pass)."""
+    assert sampled_pvalue(verifier, name, SAMPLED[name][4], batch=8) > 1e-3
+
+
+def test_sampled_check_in_a_batch_catches_a_biased_residual(verifier, monkeypatch):
+    monkeypatch.setattr(loop_mod, "accept_sampling", biased_residual)
+    assert sampled_pvalue(verifier, "causal", SAMPLED["causal"][4], batch=8) < 1e-6
 
 
 @pytest.mark.parametrize("name", [name for name, case in SAMPLED.items() if case[3]])

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import make_verifier, save_tiny
 from hybrid.cli import main as cli_main
 from hybrid.drafters.causal import CausalDrafter
-from hybrid.engine import Engine, GenerationConfig
+from hybrid.engine import Batch, Engine, GenerationConfig
+from hybrid.loop import Scheduler
 from hybrid.server import ServerConfig, create_app
 
 MESSAGES = [{"role": "user", "content": "say something"}]
@@ -201,28 +202,26 @@ def read_response(s: socket.socket) -> tuple[int, dict]:
 
 
 class Gate:
-    """Holds each request's first round until open(): requests line up in the server before any runs.
-    Records, for each request the engine starts, its prompt ids and how many sequences the pool held then."""
+    """Holds the engine's steps until open(): requests line up in the server before any runs. Records, for each
+    request the engine starts, its prompt ids and how many sequences the pool held then."""
 
     def __init__(self, engine, monkeypatch):
         self.opened = threading.Event()
         self.started: list[tuple[list[int], int]] = []
-        real = engine.stream
+        real_start, real_step = Batch.start, Batch.step
 
-        def stream(prompt, cfg, *args, **kw):
-            self.started.append((list(prompt), len(engine.pool.sequences())))
-            gen = real(prompt, cfg, *args, **kw)
-            gen.events = self._held(gen.events)
-            return gen
+        def start(batch, prompt_ids, cfg, *args, **kw):
+            if batch.engine is engine:
+                self.started.append((list(prompt_ids), len(engine.pool.sequences())))
+            return real_start(batch, prompt_ids, cfg, *args, **kw)
 
-        monkeypatch.setattr(engine, "stream", stream)
+        def step(batch):
+            if batch.engine is engine:
+                assert self.opened.wait(30), "the gate was never opened"
+            return real_step(batch)
 
-    def _held(self, events):
-        try:
-            assert self.opened.wait(30), "the gate was never opened"
-            yield from events
-        finally:
-            events.close()
+        monkeypatch.setattr(Batch, "start", start)
+        monkeypatch.setattr(Batch, "step", step)
 
     def open(self):
         self.opened.set()
@@ -621,23 +620,25 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back_and_never_runs(s
 
 # -- engine failures -------------------------------------------------------------------------
 def test_an_engine_failure_is_a_500_for_that_request_and_serving_goes_on(monkeypatch):
+    """A request whose start fails, or whose round fails mid-stream, gets a 500; a request decoding beside it in
+    the same steps is served whole (the failed step runs again one request at a time)."""
     engine = tiny_engine()
     ref = engine.generate("abc", GenerationConfig(max_new_tokens=6)).text
-    real = engine.stream
+    real_start, real_plan = Batch.start, Scheduler._plan
+    admission, mid_stream = engine.encode("boom at admission"), engine.encode("boom mid-stream")
 
-    def failing_rounds(events):
-        yield next(events)
-        raise RuntimeError("boom mid-stream")
-
-    def stream(prompt, cfg, *args, **kw):
-        if list(prompt) == engine.encode("boom at admission"):
+    def start(batch, prompt_ids, cfg, *args, **kw):
+        if list(prompt_ids) == admission:
             raise RuntimeError("boom at admission")
-        gen = real(prompt, cfg, *args, **kw)
-        if list(prompt) == engine.encode("boom mid-stream"):
-            gen.events = failing_rounds(gen.events)
-        return gen
+        return real_start(batch, prompt_ids, cfg, *args, **kw)
 
-    monkeypatch.setattr(engine, "stream", stream)
+    def plan(scheduler, a, *args):
+        if a.prompt == mid_stream and a.generated:
+            raise RuntimeError("boom mid-stream")
+        return real_plan(scheduler, a, *args)
+
+    monkeypatch.setattr(Batch, "start", start)
+    monkeypatch.setattr(Scheduler, "_plan", plan)
     app = create_app(engine, ServerConfig(model_name="tiny", max_tokens=64))
     with serving(app) as url:
         body = {"model": "tiny", "max_tokens": 6, "temperature": 0}
@@ -651,6 +652,12 @@ def test_an_engine_failure_is_a_500_for_that_request_and_serving_goes_on(monkeyp
         assert out["status"] == 200 and not out["done"] and out["error"]["type"] == "server_error"
         status, answer = post(url, COMPLETIONS, {**body, "prompt": "abc"}, timeout=10)
         assert status == 200 and text_of(COMPLETIONS, answer) == ref
+        for _ in range(3):  # side by side: the failing request's steps are shared with a healthy one
+            healthy = Background(post, url, COMPLETIONS, {**body, "prompt": "abc", "max_tokens": 6}, timeout=10)
+            failing = Background(post, url, COMPLETIONS, {**body, "prompt": "boom mid-stream"}, timeout=10)
+            assert failing.result()[0] == 500
+            status, answer = healthy.result()
+            assert status == 200 and text_of(COMPLETIONS, answer) == ref
         assert app.state.worker.thread.is_alive()
     assert pool_idle(engine)
 

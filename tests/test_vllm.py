@@ -397,3 +397,27 @@ def test_bench_vllm_runs_a_parallel_drafter_as_draft_model_drafting_in_one_pass(
     hybrid = r.stats["hybrid"]["all"]
     assert hybrid.identical_to_plain, r.mismatches
     assert hybrid.mean_acceptance_length > 1.2
+
+
+def test_concurrency_bench_runs_vllm_beside_our_engine(models, tmp_path, monkeypatch):
+    """`hybrid bench --concurrency` with vLLM installed: vllm-plain and vllm-hybrid (our drafter) serve the same
+    requests submitted together at each level; greedy outputs equal ours, acceptance from vLLM's metrics."""
+    from hybrid.bench import BenchConfig
+    from hybrid.bench_load import run_load_bench
+
+    monkeypatch.setenv("HYBRID_VLLM_KV_BYTES", str(1 << 26))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "category": "code", "chat": False}) + "\n"
+                                              for p in ("QWERTY", "ASDFGH", "ZXCVBN")))
+    cfg = BenchConfig(verifier=str(models / "bigram"), drafter=str(models / "bigram-drafter"),
+                      methods=("plain", "hybrid", "vllm-plain", "vllm-hybrid"), prompts=str(tmp_path / "p.jsonl"),
+                      max_new_tokens=NEW, block_size=K, dtype=torch.float32)
+    r = run_load_bench(cfg, [1, 3], progress=False)
+    stats = {(s.method, s.clients): s for s in r.stats}
+    assert set(stats) == {(m, c) for m in cfg.methods for c in (1, 3)}
+    for c in (1, 3):
+        ours = {x.index: x.token_ids for x in r.runs if x.method == "plain" and x.clients == c}
+        for m in ("vllm-plain", "vllm-hybrid"):
+            theirs = {x.index: x.token_ids for x in r.runs if x.method == m and x.clients == c}
+            assert theirs == ours, (m, c)
+            assert stats[(m, c)].tokens_per_s_total > 0
+    assert stats[("vllm-hybrid", 3)].mean_acceptance_length > 1.2

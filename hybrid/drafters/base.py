@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 
 from hybrid.pages import PagePool, Sequence
+from hybrid.tree import chain_parents
 
 
 @dataclass
@@ -17,8 +18,13 @@ class Draft:
     # draft); None: unknown. It decides how much of the draft is verified, so for a sampled draft (q set) it must
     # not depend on the draft's own random choices (whether x_i is verified must not depend on x_i).
     conf: torch.Tensor | None = None
-    parents: torch.Tensor | None = None  # [B] a tree (hybrid.tree): each token's parent row (0: the last committed
-    # token); None: a chain. Tree tokens are deterministic proposals (q None); conf is each node's own probability.
+    # [B] the draft as a tree (hybrid.tree): each token's parent row (0: the last committed token); left None, a
+    # chain's (i - 1). Tree tokens are deterministic proposals (q None); conf is each node's own probability.
+    parents: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.parents is None:
+            self.parents = chain_parents(self.size)
 
     @property
     def size(self) -> int:
@@ -30,6 +36,18 @@ class Draft:
             return self
         cut = lambda t: None if t is None else t[:n]
         return Draft(self.tokens[:n], cut(self.q), cut(self.conf), cut(self.parents))  # a tree's prefix is a tree
+
+
+@dataclass
+class Ask:
+    """What the loop asks of a drafter for one sequence in one step."""
+
+    ctx: "Context"
+    block_size: int  # draft positions wanted (0: nothing to draft, only read the context up to `upto`)
+    steps: int = 1  # denoising steps
+    tree: int = 0  # a draft tree of up to this many tokens (0: a chain)
+    sampler: tuple = None  # (SamplingParams, Noise or None)
+    upto: int | None = None  # with block_size 0: read committed tokens up to this position (a prompt chunk)
 
 
 @dataclass
@@ -61,3 +79,5 @@ class Drafter(Protocol):
     # Optional: drafters that give a distribution per block position may also offer
     # propose_tree(ctx, block_size, budget, sampler) -> Draft with parents set: a tree of at most `budget`
     # tokens and depth block_size (hybrid.tree). The loop uses it when LoopConfig.tree > 0.
+    # Drafters that can draft for several sequences in one pass offer propose_many(asks: list[Ask]) ->
+    # list[Draft | None] (None for an ask with block_size 0); the loop then makes one call per step.

@@ -46,7 +46,8 @@ class CausalDrafter:
         params, noise = sampler
         sampled = not params.greedy and self.draft_sampling == "sample"
         seq, n = ctx.seq, len(ctx.tokens)
-        done = seq.lengths[self.lm.name]
+        view = self.lm.view(seq)
+        done = view.length
         tokens: list[int] = []
         qs: list[torch.Tensor] = []  # [V] each sampled token's distribution
         conf: list[float] = []  # each argmax token's probability
@@ -63,8 +64,7 @@ class CausalDrafter:
                 conf.append(float(p))
             tokens.append(tok)
             pending = torch.tensor([tok])
-        # keep only the committed context; the draft's positions are rewritten next round
-        seq.lengths[self.lm.name] = n  # positions [0, n) hold the committed context
+        view.trim(n)  # keep only the committed context [0, n); the draft's positions are rewritten next round
         draft = torch.tensor(tokens, dtype=torch.long)
         if not sampled:
             return Draft(draft, None, torch.tensor(conf))

@@ -338,18 +338,17 @@ class DiffusionDrafter:
         m = hidden.shape[0]
         positions = torch.arange(start, start + m, device=hidden.device)
         feats = self.model.context(hidden.to(self.model.fc.weight.dtype))  # [m, H]
-        pool = ctx.seq.pool
-        pool.reserve(ctx.seq, start + m)
+        view = ctx.seq.pool.view(ctx.seq, MODEL_NAME)
+        view.extend(start + m)
         for i, (k, v) in enumerate(self.model.context_kv(feats, positions)):
-            pool.write(MODEL_NAME, i, ctx.seq, start, k, v)
-        pool.advance(MODEL_NAME, ctx.seq, start + m)
+            view.write(i, start, k, v)
 
     def _block(self, ctx: Context, block_size: int):
         """The masked block after the last committed token -> (ids [B+1], positions [B+1], context K/V per layer)."""
         c, seq = self.config, ctx.seq
         n = len(ctx.tokens)
-        n_ctx = seq.lengths[MODEL_NAME]  # context positions with K/V: [0, n_ctx), n_ctx == n - 1
-        ctx_kv = [seq.pool.gather(MODEL_NAME, i, seq, n_ctx) for i in range(c.num_hidden_layers)]
+        view = seq.pool.view(seq, MODEL_NAME)  # context positions with K/V: [0, length), length == n - 1
+        ctx_kv = [view.fetch(i, view.length) for i in range(c.num_hidden_layers)]
         device = self.model.fc.weight.device
         ids = torch.full((block_size + 1,), c.mask_token_id, dtype=torch.long, device=device)  # [B+1]
         ids[0] = ctx.tokens[-1]

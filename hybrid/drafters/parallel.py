@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from hybrid.acceptance import DRAFT, sample, warp
-from hybrid.drafters.base import Context, Draft
+from hybrid.drafters.base import Ask, Context, Draft
 from hybrid.errors import UserError
 from hybrid.tree import tree_from_probs
+from hybrid.verifiers.base import Rows
 from hybrid.verifiers.hf import HFVerifier, load_causal_lm
 from hybrid.vocab import check_same_vocab
 
@@ -128,28 +129,49 @@ class ParallelDrafter:
         pass  # reads the committed tokens it lacks at the next propose
 
     @torch.inference_mode()
-    def block_logits(self, ctx: Context, block_size: int) -> torch.Tensor:
-        """One pass over [unread committed tokens, mask x (block_size - 1)] -> logits [block_size, V] of draft
-        positions 1..block_size. Afterwards the drafter's pages hold the committed tokens only."""
-        seq, n = ctx.seq, len(ctx.tokens)
-        done = seq.lengths[self.lm.name]
-        inputs = torch.tensor(ctx.tokens[done:] + [self.mask] * (block_size - 1), dtype=torch.long)
-        logits = self.lm.score(seq, inputs).logits[-block_size:]  # [B, V]
-        seq.lengths[self.lm.name] = n  # the mask rows are overwritten next round
+    def block_logits(self, ctxs: list[Context], block_sizes: list[int], upto: list[int | None] | None = None
+                     ) -> list[torch.Tensor | None]:
+        """One pass over every sequence's [unread committed tokens, mask x (B - 1)] (packed) -> logits [B, V] of
+        draft positions 1..B each (None where B is 0: its unread tokens, up to `upto`, are only read).
+        Afterwards the drafter's pages hold the committed tokens only."""
+        upto = upto or [None] * len(ctxs)
+        batch = []
+        for ctx, b, end in zip(ctxs, block_sizes, upto):
+            view = self.lm.view(ctx.seq)
+            read = ctx.tokens[view.length : len(ctx.tokens) if end is None else end]
+            batch.append(Rows(view, torch.tensor(read + [self.mask] * max(0, b - 1), dtype=torch.long), logits=b))
+        batch_out = self.lm.forward([rows for rows in batch if rows.tokens.numel()])
+        out = iter(batch_out)
+        logits = []
+        for ctx, b, rows in zip(ctxs, block_sizes, batch):
+            result = next(out) if rows.tokens.numel() else None
+            if b:
+                rows.view.trim(len(ctx.tokens))  # the mask rows are overwritten next round
+            logits.append(result.logits if b else None)  # [B, V]
         return logits
 
     def propose(self, ctx: Context, block_size: int, steps: int, sampler) -> Draft:
-        params, noise = sampler
-        logits = self.block_logits(ctx, block_size)  # [B, V]
+        return self.propose_many([Ask(ctx, block_size, steps, 0, sampler)])[0]
+
+    def propose_many(self, asks: list[Ask]) -> list[Draft | None]:
+        """Every ask's draft (a chain, or a tree where asked) from one packed pass."""
+        all_logits = self.block_logits([a.ctx for a in asks], [a.block_size for a in asks], [a.upto for a in asks])
+        return [None if logits is None else self._draft(a, logits) for a, logits in zip(asks, all_logits)]
+
+    def _draft(self, ask: Ask, logits: torch.Tensor) -> Draft:
+        """One sequence's draft from its block's logits [B, V]."""
+        if ask.tree:
+            tree = tree_from_probs(torch.softmax(logits.float(), -1), ask.tree)  # [B, V]
+            return Draft(tree.tokens, None, tree.prob, tree.parents)
+        params, noise = ask.sampler
         if params.greedy or self.config.draft_sampling != "sample":
             conf, tok = torch.softmax(logits.float(), -1).max(-1)  # [B]
             return Draft(tok.cpu(), None, conf.cpu())
         q = warp(logits, params)  # [B, V] each row's law, from the context alone
-        n = len(ctx.tokens)
-        tok = sample(q, noise.uniforms(range(n, n + block_size), DRAFT))
+        n = len(ask.ctx.tokens)
+        tok = sample(q, noise.uniforms(range(n, n + ask.block_size), DRAFT))
         return Draft(tok.cpu(), q, q.max(-1).values.cpu())
 
     def propose_tree(self, ctx: Context, block_size: int, budget: int, sampler=None) -> Draft:
         """The most probable paths through each block position's top candidates (hybrid.tree), one pass."""
-        tree = tree_from_probs(torch.softmax(self.block_logits(ctx, block_size).float(), -1), budget)  # [B, V]
-        return Draft(tree.tokens, None, tree.prob, tree.parents)
+        return self.propose_many([Ask(ctx, block_size, 1, budget, sampler)])[0]

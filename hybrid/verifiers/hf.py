@@ -14,21 +14,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hybrid.errors import UserError
-from hybrid.pages import PagePool, Sequence
-from hybrid.tree import depths, tree_mask
-from hybrid.verifiers.base import VerifyOutput
+from hybrid.pages import KVView, PagePool, Sequence
+from hybrid.verifiers.base import Rows, VerifyOutput
 
 MODEL_NAME = "verifier"
 
 
-class PagedLayer(CacheLayerMixin):
-    """One decoder layer's keys/values, stored in pages of the sequence's pool."""
+class PackedLayer(CacheLayerMixin):
+    """One decoder layer's keys/values for a packed pass: each sequence's rows are written to its own pages,
+    and attention reads every sequence's keys/values, concatenated (the pass's mask keeps them apart)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cache: "PagedCache", layer: int):
+    def __init__(self, cache: "PackedCache", layer: int):
         super().__init__()
         self.cache, self.layer = cache, layer
         self.is_initialized = True
@@ -37,30 +37,36 @@ class PagedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states, value_states [1, H, T, D] -> all keys/values of the sequence [1, H, start + T, D]
-        c = self.cache
-        T = key_states.shape[2]
-        pool = c.seq.pool
-        pool.write(c.model, self.layer, c.seq, c.start, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        k, v = pool.gather(c.model, self.layer, c.seq, c.start + T)  # [S, H, D]
+        # key_states, value_states [1, H, sum T, D] -> every sequence's keys/values [1, H, sum (start + T), D]
+        keys, values, row = [], [], 0
+        for view, start, T in self.cache.parts:
+            view.write(self.layer, start, key_states[0, :, row : row + T].transpose(0, 1),
+                       value_states[0, :, row : row + T].transpose(0, 1))
+            k, v = view.fetch(self.layer, start + T)  # [start + T, H, D]
+            keys.append(k)
+            values.append(v)
+            row += T
+        k, v = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys), torch.cat(values))
         return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.start + query_length, 0
+        return self.cache.keys, 0
 
     def get_seq_length(self) -> int:
-        return self.cache.start
+        return 0
 
     def get_max_length(self) -> int:
         return -1
 
 
-class PagedCache(Cache):
-    """A transformers Cache over one sequence's pages for one forward pass that writes from position `start`."""
+class PackedCache(Cache):
+    """A transformers Cache for one forward pass over the rows of several sequences, packed one after another:
+    parts [(view, start, T)] say where each sequence's rows go (positions [start, start + T) of its view)."""
 
-    def __init__(self, seq: Sequence, model: str, num_layers: int, start: int):
-        self.seq, self.model, self.start = seq, model, start
-        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+    def __init__(self, parts: list[tuple[KVView, int, int]], num_layers: int):
+        self.parts = parts
+        self.keys = sum(start + T for _, start, T in parts)
+        super().__init__(layers=[PackedLayer(self, i) for i in range(num_layers)])
 
 
 def _is_gguf(path: str) -> bool:
@@ -155,60 +161,64 @@ class HFVerifier:
         pool.register(self.name, L, H, D, self.dtype)
 
     # -- forward --------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _forward(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None,
-                 capture: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run tokens [T] at the sequence's next T slots -> (last hidden [T, H], captured [T, n*H] or None).
+    def view(self, seq: Sequence) -> KVView:
+        """This model's keys/values of `seq` (in seq's pool)."""
+        return seq.pool.view(seq, self.name)
 
-        parents [T-1] (a draft tree, see hybrid.tree): row i sits at position start + depth(i) and attends
-        to the context, its ancestors and itself; None: a chain at positions start .. start + T - 1.
-        capture: decoder layers (0-based) whose outputs are returned, concatenated (the drafter's inputs).
-        """
-        pool = seq.pool
-        start = seq.lengths[self.name]
-        T = tokens.shape[0]
-        pool.reserve(seq, start + T)
-        mask = None
-        if parents is None:
-            positions = torch.arange(start, start + T, device=self.device).unsqueeze(0)  # [1, T]
-        else:
-            positions = (start + torch.cat([torch.zeros(1, dtype=torch.long), depths(parents)])).to(self.device)[None]
-            mask = torch.ones(1, 1, T, start + T, dtype=torch.bool, device=self.device)  # [1, 1, T, S+T] True: attend
-            mask[0, 0, :, start:] = tree_mask(parents).to(self.device)
-        captured: dict[int, torch.Tensor] = {}
-        hooks = []
+    @torch.inference_mode()
+    def forward(self, batch: list[Rows], capture: list[int] = ()) -> list[VerifyOutput]:
+        """One forward pass over the rows of every sequence in `batch`, packed one after another -> per sequence
+        its logits [T, V] float32 (of its last `Rows.logits` rows; None where none are wanted) and the outputs of decoder layers `capture` (0-based),
+        concatenated [T, n*H] (None without). Each sequence's rows attend to its own keys/values only (its
+        context, and its rows as `Rows.mask` says); its keys/values go to its pages at the next T positions."""
         for i in capture:
             if not 0 <= i < self.num_layers:
                 raise UserError(f"drafter wants verifier layer {i}, the verifier has {self.num_layers} layers")
-            hook = lambda _m, _a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)  # noqa: E731
-            hooks.append(self.body.layers[i].register_forward_hook(hook))
+        parts = []
+        for rows in batch:
+            start = rows.view.length
+            rows.view.extend(start + rows.tokens.numel())
+            parts.append((rows.view, start, rows.tokens.numel()))
+        total_rows = sum(T for _, _, T in parts)
+        cache = PackedCache(parts, self.num_layers)
+        mask = torch.zeros(total_rows, cache.keys, dtype=torch.bool)  # [sum T, sum (start + T)] True: attend
+        row = key = 0
+        for rows, (_, start, T) in zip(batch, parts):
+            mask[row : row + T, key : key + start] = True  # the sequence's context
+            mask[row : row + T, key + start : key + start + T] = rows.mask()
+            row, key = row + T, key + start + T
+        positions = torch.cat([rows.positions(start) for rows, (_, start, _) in zip(batch, parts)])  # [sum T]
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [self.body.layers[i].register_forward_hook(
+            lambda _m, _a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+            for i in capture]
         try:
             out = self.body(
-                input_ids=tokens.to(self.device).unsqueeze(0), position_ids=positions, use_cache=True,
-                past_key_values=PagedCache(seq, self.name, self.num_layers, start), attention_mask=mask,
+                input_ids=torch.cat([rows.tokens for rows in batch]).to(self.device)[None],
+                position_ids=positions.to(self.device)[None], use_cache=True, past_key_values=cache,
+                attention_mask=mask.to(self.device)[None, None],
             )
         finally:
             for h in hooks:
                 h.remove()
-        pool.advance(self.name, seq, start + T)
-        hidden = out.last_hidden_state[0]  # [T, H]
-        return hidden, torch.cat([captured[i][0] for i in capture], dim=-1) if capture else None  # [T, n*H]
+        hidden = out.last_hidden_state[0]  # [sum T, H]
+        feats = torch.cat([captured[i][0] for i in capture], dim=-1) if capture else None  # [sum T, n*H]
+        outputs, row = [], 0
+        for rows, (_, _, T) in zip(batch, parts):
+            wanted = T if rows.logits is None else min(rows.logits, T)
+            logits = self.head(hidden[row + T - wanted : row + T]).float() if wanted else None  # [wanted, V]
+            outputs.append(VerifyOutput(logits, None if feats is None else feats[row : row + T]))
+            row += T
+        return outputs
 
     def prefill(self, seq: Sequence, tokens: torch.Tensor, capture: list[int] = ()) -> torch.Tensor | None:
         if tokens.numel() == 0:
             return None
-        _, captured = self._forward(seq, tokens, capture=capture)
-        return captured
+        return self.forward([Rows(self.view(seq), tokens, logits=0)], capture)[0].hidden
 
     def score(self, seq: Sequence, tokens: torch.Tensor, parents: torch.Tensor | None = None,
               capture: list[int] = ()) -> VerifyOutput:
-        hidden, captured = self._forward(seq, tokens, parents, capture)
-        with torch.inference_mode():
-            logits = self.head(hidden).float()  # [B+1, V]
-        return VerifyOutput(logits=logits, hidden=captured)
-
-    def rollback(self, seq: Sequence, n: int) -> int:
-        return seq.pool.rollback(seq, n)
+        return self.forward([Rows(self.view(seq), tokens, parents)], capture)[0]
 
     # -- tokenizer helpers ----------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
