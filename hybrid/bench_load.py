@@ -126,8 +126,10 @@ class LoadResult:
                 "runs": [asdict(r) for r in self.runs]}
 
 
-def run_load_bench(cfg, levels: list[int], progress: bool = True, echo=print) -> LoadResult:
-    """The concurrency bench of BenchConfig `cfg` at `levels` clients."""
+def run_load_bench(cfg, levels: list[int], progress: bool = True, echo=print, prefill_chunk: int | None = None
+                   ) -> LoadResult:
+    """The concurrency bench of BenchConfig `cfg` at `levels` clients (`prefill_chunk`: prompt tokens prefilled per
+    step in all; None: the engine's default)."""
     from tqdm import tqdm
 
     from hybrid.bench import DEFAULT_PROMPTS, load_prompts
@@ -136,6 +138,7 @@ def run_load_bench(cfg, levels: list[int], progress: bool = True, echo=print) ->
     from hybrid.pages import PagePool
     from hybrid.verifiers.hf import HFVerifier
 
+    prefill_chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
     if not levels or any(c < 1 for c in levels):
         raise UserError(f"--concurrency takes client counts >= 1, e.g. 1,4,16; got {levels}")
     methods = [m for m in cfg.methods if m in LOAD_METHODS + VLLM_LOAD_METHODS] or list(LOAD_METHODS)
@@ -181,7 +184,7 @@ def run_load_bench(cfg, levels: list[int], progress: bool = True, echo=print) ->
         for c in levels:
             for m, engine in engines.items():
                 bar.set_description(f"{m} x{c}")
-                runs += run_level(engine, m, encoded, indexes, gen, c, DEFAULT_PREFILL_CHUNK)
+                runs += run_level(engine, m, encoded, indexes, gen, c, prefill_chunk)
                 bar.update(1)
     finally:
         bar.close()
@@ -204,7 +207,7 @@ def run_load_bench(cfg, levels: list[int], progress: bool = True, echo=print) ->
     config = {k: (str(v) if k == "dtype" else v) for k, v in asdict(cfg).items()}
     config.update(mode="concurrency", levels=levels, methods=methods, drafter=drafter_spec,
                   prompts=str(cfg.prompts or DEFAULT_PROMPTS), device=str(verifier.device),
-                  verifier_dtype=str(verifier.dtype), prefill_chunk=DEFAULT_PREFILL_CHUNK)
+                  verifier_dtype=str(verifier.dtype), prefill_chunk=prefill_chunk)
     return LoadResult(config, stats, skipped, runs)
 
 

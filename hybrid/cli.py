@@ -231,11 +231,13 @@ def _int_list(text: str, option: str) -> list[int]:
                    "same way, and vLLM serving the model (vllm-plain, vllm-hybrid) where vLLM is installed; total and "
                    "per-client tokens/s, TTFT and TPOT percentiles per level (methods: plain, hybrid, vllm-plain, "
                    "vllm-hybrid).")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
+              help="With --concurrency: prompt tokens prefilled per engine step in all [default: 64].")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
 def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
-          device, limit, order, concurrency, as_json, plot_file, dtype):
+          device, limit, order, concurrency, prefill_chunk, as_json, plot_file, dtype):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
 
@@ -253,7 +255,7 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
                             block_size=block_size, lookup=lookup, steps=steps, tree=tree, temperature=temperature,
                             top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device)
         _quiet_transformers()
-        result = bl.run_load_bench(cfg, levels, echo=lambda s: click.echo(s, err=True))
+        result = bl.run_load_bench(cfg, levels, echo=lambda s: click.echo(s, err=True), prefill_chunk=prefill_chunk)
         click.echo(bl.format_load_report(result))
         if as_json:
             click.echo(json.dumps(result.to_json(), ensure_ascii=False))
