@@ -5,8 +5,8 @@ drafter allows (one for a drafter with `propose_many`), all their verify rows in
 each sequence its own draft tree, positions, pages and attention mask), then acceptance, commit and roll back
 per sequence. A draft is always a tree: a chain is the tree whose parents are i - 1, so there is one verify
 and one acceptance path. New sequences' prompts join the pass in chunks (`prefill_chunk` tokens a step in
-all, oldest first), so a long prompt does not stall the others. `speculative_decode` is a scheduler with one
-sequence.
+all, oldest first), so a long prompt does not stall the others. A request alone is a scheduler with one
+sequence (`Engine.stream`).
 
 Invariant between rounds, for a sequence of n committed tokens: the verifier's pages hold
 positions [0, n - 1) (every committed token but the last), and so do the drafter's context
@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -361,43 +361,6 @@ def accept(draft: Draft, logits: torch.Tensor, params: SamplingParams, noise: No
         return walk.path, walk.bonus
     acc = accept_sampling(draft.tokens, draft.q, warp(logits, params), noise, start)
     return list(range(1, acc.accepted + 1)), acc.bonus
-
-
-def speculative_decode(
-    verifier,
-    drafter: Drafter | None,
-    pool: PagePool,
-    prompt: list[int],
-    cfg: LoopConfig,
-    params: SamplingParams,
-    schedule: Schedule | None = None,
-    seq: Sequence | None = None,
-    costs: CostModel | None = None,
-) -> Iterator[Round]:
-    """Generate from `prompt` alone, yielding each round's committed tokens as soon as they are committed.
-
-    `drafter=None` is plain decoding (an empty draft every round). `schedule` (the coordinator)
-    picks each round's block size and steps and observes each round; default: cfg's fixed values.
-    With `cfg.lookup` = n, a round whose last n to 4 tokens occurred earlier in the context may draft
-    what followed them instead (prompt lookup: free to draft, and long where the text repeats itself:
-    code edits, summaries, lists); the schedule decides how much of that copy to verify (0: draft as usual).
-    `seq`: a sequence of `pool` made for this request (with its worst case promised, `request_tokens`);
-    None: one is made here. The caller may stop iterating at any point; the sequence's pages are freed
-    either way.
-    """
-    scheduler = Scheduler(verifier, drafter, pool, costs)
-    try:
-        active = scheduler.add(prompt, cfg, params, schedule, seq)
-    except BaseException:
-        if seq is not None:
-            pool.free(seq)
-        raise
-    try:
-        while active.finish is None:
-            for _, r in scheduler.step():
-                yield r
-    finally:
-        scheduler.remove(active)
 
 
 def check_prompt(prompt: list[int], max_context: int) -> None:
