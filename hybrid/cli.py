@@ -316,6 +316,36 @@ def export_vllm_cmd(drafter_dir, out_dir, dtype, steps, overwrite, as_json):
     click.echo(f"serve it: vllm serve {verifier} --speculative-config '{spec}'")
 
 
+@cli.command("export-gguf")
+@click.argument("drafter_dir")
+@click.argument("out_file")
+@click.option("--verifier", default=None, metavar="FOLDER",
+              help="The model folder whose tokenizer goes in [default: the verifier the drafter was trained for].")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Weight matrices' type (norms and biases stay float32).")
+@click.option("--quantize", default=None, metavar="TYPE",
+              help="Then quantize with llama.cpp's llama-quantize (e.g. Q4_K_M; needs bash setup.sh --llama-cpp).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+def export_gguf_cmd(drafter_dir, out_file, verifier, outtype, quantize, overwrite, as_json):
+    """Write a drafter as a GGUF file llama.cpp's speculative decoding loads: a parallel drafter as an ordinary
+    draft model (--spec-type draft-simple), a block-diffusion drafter as a DFlash drafter (draft-dflash)."""
+    from pathlib import Path
+
+    from hybrid.gguf_export import GgufExport, export_gguf
+
+    _quiet_transformers()
+    info = export_gguf(GgufExport(drafter=Path(drafter_dir).expanduser(), out=Path(out_file).expanduser(),
+                                  verifier=verifier, outtype=outtype, quantize=quantize, overwrite=overwrite))
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"wrote {info['out']} ({info['architecture']}, {info['outtype']}, {info['tensors']} tensors, "
+               f"tokenizer of {info['verifier']}: {info['tokens']} tokens)")
+    click.echo(f"note: {info['note']}")
+    click.echo(f"serve it: llama-server -m VERIFIER.gguf --spec-type {info['spec_type']} --spec-draft-model {info['out']}")
+
+
 def _quiet_transformers() -> None:
     import transformers
 
