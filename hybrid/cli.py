@@ -196,11 +196,16 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--parallel-drafter", default=None, metavar="PATH",
               help="A parallel drafter (train-drafter --init-from) run as the `parallel` method beside the others.")
 @click.option("--assistant", default="demo:0.5b", show_default=True, help="Assistant model of the hf-assisted method.")
-@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
-              help="Run the verifier under transformers (our engine and transformers' peers) or vLLM (needs vLLM installed).")
+@click.option("--backend", type=click.Choice(["transformers", "vllm", "llama.cpp"]), default="transformers",
+              show_default=True,
+              help="Run the verifier under transformers (our engine and transformers' peers), vLLM (needs vLLM installed) "
+                   "or llama.cpp (its GGUF; needs bash setup.sh --llama-cpp).")
+@click.option("--llama-cpp", "llama_cpp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="With the transformers backend, also run llama.cpp's plain, hybrid, draft-model and ngram in the same "
+                   "run (rows llama.cpp/...): auto, when llama.cpp is installed.")
 @click.option("--methods", default=None,
               help="Comma list [default: all of the backend's]. transformers: plain, hybrid, ngram, hf-assisted, "
-                   "hf-prompt-lookup, and parallel with --parallel-drafter. vllm: plain, hybrid, ngram, draft-model.")
+                   "hf-prompt-lookup, and parallel with --parallel-drafter. vllm and llama.cpp: plain, hybrid, ngram, draft-model.")
 @click.option("--prompts", default=None, metavar="FILE", help="JSONL file, one {\"prompt\": ..., \"category\": ..., \"chat\": bool} a line (default: bench/prompts.jsonl).")
 @click.option("--max-new-tokens", type=int, default=None, help="New tokens per prompt [default: 32, sized for a default run under 15 minutes on 2 CPU cores].")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
@@ -224,7 +229,7 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
 def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
-          device, limit, order, as_json, plot_file, dtype):
+          device, limit, order, as_json, plot_file, dtype, llama_cpp):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
 
@@ -236,7 +241,7 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
         prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
         block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, tree=tree, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
-        order=order,
+        order=order, llama_cpp=llama_cpp if backend == "transformers" else "off",
     )
     if plot_file:
         b.check_plot_available()
@@ -245,6 +250,10 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
         from hybrid.bench_vllm import run_vllm_bench
 
         result = run_vllm_bench(cfg, echo=lambda s: click.echo(s, err=True))
+    elif backend == "llama.cpp":
+        from hybrid.bench_llamacpp import run_llamacpp_bench
+
+        result = run_llamacpp_bench(cfg, echo=lambda s: click.echo(s, err=True))
     else:
         result = b.run_bench(cfg, echo=lambda s: click.echo(s, err=True))
     click.echo(b.format_report(result))
