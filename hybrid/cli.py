@@ -202,11 +202,16 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--parallel-drafter", default=None, metavar="PATH",
               help="A parallel drafter (train-drafter --init-from) run as the `parallel` method beside the others.")
 @click.option("--assistant", default="demo:0.5b", show_default=True, help="Assistant model of the hf-assisted method.")
-@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
-              help="Run the verifier under transformers (our engine and transformers' peers) or vLLM (needs vLLM installed).")
+@click.option("--backend", type=click.Choice(["transformers", "vllm", "llama.cpp"]), default="transformers",
+              show_default=True,
+              help="Run the verifier under transformers (our engine and transformers' peers), vLLM (needs vLLM installed) "
+                   "or llama.cpp (its GGUF; needs bash setup.sh --llama-cpp).")
+@click.option("--llama-cpp", "llama_cpp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="With the transformers backend, also run llama.cpp's plain, hybrid, draft-model and ngram in the same "
+                   "run (rows llama.cpp/...): auto, when llama.cpp is installed.")
 @click.option("--methods", default=None,
               help="Comma list [default: all of the backend's]. transformers: plain, hybrid, ngram, hf-assisted, "
-                   "hf-prompt-lookup, and parallel with --parallel-drafter. vllm: plain, hybrid, ngram, draft-model.")
+                   "hf-prompt-lookup, and parallel with --parallel-drafter. vllm and llama.cpp: plain, hybrid, ngram, draft-model.")
 @click.option("--prompts", default=None, metavar="FILE", help="JSONL file, one {\"prompt\": ..., \"category\": ..., \"chat\": bool} a line (default: bench/prompts.jsonl).")
 @click.option("--max-new-tokens", type=int, default=None, help="New tokens per prompt [default: 32, sized for a default run under 15 minutes on 2 CPU cores].")
 @click.option("--block-size", type=AUTO_INT, default="auto", show_default=True,
@@ -237,7 +242,7 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
 def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prompts, max_new_tokens, block_size, block_sizes, lookup, steps, tree, temperature, top_p, seed,
-          device, limit, order, concurrency, prefill_chunk, as_json, plot_file, dtype):
+          device, limit, order, concurrency, prefill_chunk, as_json, plot_file, dtype, llama_cpp):
     """Time plain decoding, our drafters and transformers' assisted decoding on the same prompts."""
     from hybrid import bench as b
 
@@ -269,7 +274,7 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
         prompts=prompts,
         max_new_tokens=b.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, block_size=block_size,
         block_sizes=b.parse_block_sizes(block_sizes), lookup=lookup, steps=steps, tree=tree, temperature=temperature, top_p=top_p, seed=seed, dtype=_torch_dtype(dtype), device=device, limit=limit,
-        order=order,
+        order=order, llama_cpp=llama_cpp if backend == "transformers" else "off",
     )
     if plot_file:
         b.check_plot_available()
@@ -278,6 +283,10 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
         from hybrid.bench_vllm import run_vllm_bench
 
         result = run_vllm_bench(cfg, echo=lambda s: click.echo(s, err=True))
+    elif backend == "llama.cpp":
+        from hybrid.bench_llamacpp import run_llamacpp_bench
+
+        result = run_llamacpp_bench(cfg, echo=lambda s: click.echo(s, err=True))
     else:
         result = b.run_bench(cfg, echo=lambda s: click.echo(s, err=True))
     click.echo(b.format_report(result))
@@ -351,6 +360,36 @@ def export_vllm_cmd(drafter_dir, out_dir, dtype, steps, overwrite, as_json):
                    "(draft_vocab.safetensors) is not used there")
     verifier = info["verifier"] if info["verifier"] and not info["verifier"].startswith("demo:") else "TARGET_MODEL_FOLDER"
     click.echo(f"serve it: vllm serve {verifier} --speculative-config '{spec}'")
+
+
+@cli.command("export-gguf")
+@click.argument("drafter_dir")
+@click.argument("out_file")
+@click.option("--verifier", default=None, metavar="FOLDER",
+              help="The model folder whose tokenizer goes in [default: the verifier the drafter was trained for].")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Weight matrices' type (norms and biases stay float32).")
+@click.option("--quantize", default=None, metavar="TYPE",
+              help="Then quantize with llama.cpp's llama-quantize (e.g. Q4_K_M; needs bash setup.sh --llama-cpp).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+def export_gguf_cmd(drafter_dir, out_file, verifier, outtype, quantize, overwrite, as_json):
+    """Write a drafter as a GGUF file llama.cpp's speculative decoding loads: a parallel drafter as an ordinary
+    draft model (--spec-type draft-simple), a block-diffusion drafter as a DFlash drafter (draft-dflash)."""
+    from pathlib import Path
+
+    from hybrid.gguf_export import GgufExport, export_gguf
+
+    _quiet_transformers()
+    info = export_gguf(GgufExport(drafter=Path(drafter_dir).expanduser(), out=Path(out_file).expanduser(),
+                                  verifier=verifier, outtype=outtype, quantize=quantize, overwrite=overwrite))
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"wrote {info['out']} ({info['architecture']}, {info['outtype']}, {info['tensors']} tensors, "
+               f"tokenizer of {info['verifier']}: {info['tokens']} tokens)")
+    click.echo(f"note: {info['note']}")
+    click.echo(f"serve it: llama-server -m VERIFIER.gguf --spec-type {info['spec_type']} --spec-draft-model {info['out']}")
 
 
 def _quiet_transformers() -> None:
