@@ -1,6 +1,7 @@
 """`hybrid bench --backend llama.cpp` without llama.cpp: rounds from llama.cpp's counters, commits from streamed
 chunks, finding the binary, and the one-line errors a user can cause."""
 import stat
+import sys
 
 import pytest
 
@@ -49,6 +50,8 @@ def test_the_binary_is_found_by_env_then_venv_else_a_hint(tmp_path, monkeypatch)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv(ENV_SERVER, str(fake))
     assert find_tool() == fake
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))  # a venv and a PATH without llama.cpp
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     with pytest.raises(UserError, match="llama-quantize is not installed: run bash setup.sh --llama-cpp"):
         find_tool("llama-quantize")
     monkeypatch.setenv(ENV_SERVER, str(tmp_path / "nope"))
