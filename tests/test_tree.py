@@ -164,6 +164,6 @@ def test_tree_option_is_checked_and_auto_means_trees_only_with_block_size_auto()
 
     for bad in (-1, 65, "big"):
         with pytest.raises(UserError, match="tree must be"):
-            Engine.check_basic(GenerationConfig(tree=bad))
+            GenerationConfig(tree=bad)  # checked when made
     assert tree_budget(GenerationConfig()) == AUTO_TREE and tree_budget(GenerationConfig(block_size=4)) == 0
     assert tree_budget(GenerationConfig(block_size=4, tree=6)) == 6 and tree_budget(GenerationConfig(tree=0)) == 0
