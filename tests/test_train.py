@@ -284,13 +284,15 @@ def test_drafter_layers_start_as_the_verifiers(tmp_path, model_dir):
     assert torch.equal(w["norm.weight"], v.body.norm.weight)
 
 
-def test_layers_of_a_verifier_without_qk_norms():
-    """A Qwen2 verifier (q/k/v biases, no q/k norms): weights copied, biases dropped, q_norm and k_norm the mean
-    RMS of the layer's head queries and keys without bias on the sample text; a drafter of another shape is refused."""
+def test_layers_of_a_verifier_without_qk_norms(tmp_path):
+    """A Qwen2 verifier (q/k/v biases, no q/k norms): weights and biases copied (o_proj's bias zero, as vLLM's DFlash
+    layer with attention_bias has one), q_norm and k_norm the mean RMS of the layer's head queries and keys on the
+    sample text; the drafter exports for vLLM with its biases; a drafter of another shape is refused."""
     from conftest import make_verifier
 
     from hybrid.drafters.init_layers import copy_verifier_layers, verifier_layer_shape
     from hybrid.errors import UserError
+    from hybrid.vllm_export import expected_shapes, export_vllm
 
     v = make_verifier("qwen2", seed=1)
     drafter = DiffusionDrafter.for_verifier(v, target_layer_ids=[0], num_hidden_layers=1, **verifier_layer_shape(v))
@@ -298,8 +300,16 @@ def test_layers_of_a_verifier_without_qk_norms():
     copy_verifier_layers(drafter.model, v, [1], [sample])
     layer = v.body.layers[1]
     attn = layer.self_attn
-    assert torch.equal(drafter.model.layers[0].self_attn.q_proj.weight, attn.q_proj.weight)
+    mine = drafter.model.layers[0].self_attn
+    assert torch.equal(mine.q_proj.weight, attn.q_proj.weight)
     assert torch.equal(drafter.model.layers[0].mlp.down_proj.weight, layer.mlp.down_proj.weight)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(mine, name).bias, getattr(attn, name).bias)
+    assert attn.o_proj.bias is None and torch.equal(mine.o_proj.bias, torch.zeros(v.hidden_size))
+    drafter.save(tmp_path / "d")
+    export_vllm(tmp_path / "d", tmp_path / "vllm")
+    cfg = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert cfg["attention_bias"] and "layers.0.self_attn.o_proj.bias" in expected_shapes(cfg)
     seen = []
     handle = layer.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None)),
                                              with_kwargs=True)
@@ -310,7 +320,7 @@ def test_layers_of_a_verifier_without_qk_norms():
     d = drafter.config.head_dim
     for proj, norm in ((attn.q_proj, drafter.model.layers[0].self_attn.q_norm),
                        (attn.k_proj, drafter.model.layers[0].self_attn.k_norm)):
-        heads = (x @ proj.weight.T).reshape(-1, d)  # no bias
+        heads = (x @ proj.weight.T + proj.bias).reshape(-1, d)
         expected = heads.pow(2).mean(-1).sqrt().mean()
         torch.testing.assert_close(norm.weight, torch.full((d,), expected.item()))
     narrow = DiffusionDrafter.for_verifier(v, target_layer_ids=[0], num_hidden_layers=1, num_attention_heads=4,

@@ -11,11 +11,14 @@ input and post-attention norms, q/k/v/o projections, and the SwiGLU MLP, unchang
   context, up to the two differences below.
 - ``norm`` takes the verifier's final norm: the drafter's output goes through the verifier's head as the verifier's
   last hidden state does.
-- Attention biases: Qwen2 and some Llama variants have q/k/v biases, which the drafter's Qwen3 layout (the layout
-  vLLM's and llama.cpp's DFlash loaders read) has not; they are dropped.
+- Attention biases: a verifier whose attention has biases (Qwen2: q, k and v) gives a drafter with
+  ``attention_bias`` (vLLM's DFlash layer with attention_bias: biases on q/k/v and o_proj); its q/k/v biases are
+  copied and o_proj's starts at zero (Qwen2's o_proj has none). They matter: in demo:1.5b's layer 25 the q bias's
+  RMS exceeds that of the projected input, and without the biases the layer's attention output has a mean cosine
+  of 0.41 to the verifier's, against 0.80 with them (bench/init_attention_check.py; the rest is the q/k norms).
 - q/k norms: the drafter normalises each head's query and key (Qwen3). A Qwen3 verifier's q_norm/k_norm are copied.
-  For a verifier without them, each is set to a constant: the mean RMS of the verifier layer's head queries (keys)
-  over a sample of training text, without bias. Normalising and scaling back by it gives the verifier's attention
+  For a verifier without them, each is set to a constant: the mean RMS of the verifier layer's head queries (keys),
+  bias included, over a sample of training text. Normalising and scaling back by it gives the verifier's attention
   logits at their typical magnitude, which weights of 1 would shrink to at most sqrt(head_dim).
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ def verifier_layer_shape(verifier) -> dict:
         "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads,
         "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads,
         "intermediate_size": c.intermediate_size,
+        "attention_bias": verifier.body.layers[0].self_attn.q_proj.bias is not None,
     }
 
 
@@ -48,16 +52,16 @@ def check_layer_ids(verifier, layer_ids: list[int]) -> None:
 
 
 @torch.no_grad()
-def qk_scales(verifier, layer_ids: list[int], samples: list[torch.Tensor]) -> list[tuple[float, float]]:
-    """Per layer: the mean RMS of its head queries and of its head keys, bias excluded, over one verifier pass per
-    token sample -> [(q_scale, k_scale)]."""
+def qk_scales(verifier, layer_ids: list[int], samples: list[torch.Tensor], bias: bool = True) -> list[tuple[float, float]]:
+    """Per layer: the mean RMS of its head queries and of its head keys (bias included or not), over one verifier
+    pass per token sample -> [(q_scale, k_scale)]."""
     c = verifier_layer_shape(verifier)
     d = c["head_dim"]
     sums = {(i, name): [] for i in layer_ids for name in ("q_proj", "k_proj")}
 
     def hook(key):
         def record(module, args, out):
-            x = out if module.bias is None else out - module.bias
+            x = out if module.bias is None or bias else out - module.bias
             sums[key].append(x.float().reshape(-1, d).pow(2).mean(-1).sqrt())  # [tokens * heads]
         return record
 
@@ -90,12 +94,14 @@ def copy_verifier_layers(model, verifier, layer_ids: list[int], samples: list[to
         raise UserError(f"--init-layers-from-verifier names {len(layer_ids)} layers for a drafter of {len(model.layers)}")
     src_layers = [verifier.body.layers[i] for i in layer_ids]
     has_qk_norm = hasattr(src_layers[0].self_attn, "q_norm")
-    scales = None if has_qk_norm else qk_scales(verifier, layer_ids, list(samples))
+    with_bias = model.layers[0].self_attn.q_proj.bias is not None
+    scales = None if has_qk_norm else qk_scales(verifier, layer_ids, list(samples), with_bias)
     for j, (dst, src) in enumerate(zip(model.layers, src_layers)):
         for name in NORMS:
             _copy(getattr(dst, name).weight, getattr(src, name).weight, f"layer {layer_ids[j]} {name}")
         for name in ATTENTION:
             _copy(getattr(dst.self_attn, name).weight, getattr(src.self_attn, name).weight, f"layer {layer_ids[j]} {name}")
+            copy_bias(getattr(dst.self_attn, name), getattr(src.self_attn, name), f"layer {layer_ids[j]} {name}")
         for name in MLP:
             _copy(getattr(dst.mlp, name).weight, getattr(src.mlp, name).weight, f"layer {layer_ids[j]} {name}")
         if has_qk_norm:
@@ -107,6 +113,16 @@ def copy_verifier_layers(model, verifier, layer_ids: list[int], samples: list[to
     pass_last_target_layer(model.fc.weight)
     _copy(model.hidden_norm.weight, src_layers[0].input_layernorm.weight, "hidden_norm")
     _copy(model.norm.weight, verifier.body.norm.weight, "norm")
+
+
+def copy_bias(dst: torch.nn.Linear, src: torch.nn.Linear, what: str) -> None:
+    """dst's bias := src's, or zero where src has none; a drafter without biases drops src's."""
+    if dst.bias is None:
+        return
+    if src.bias is None:
+        dst.bias.zero_()
+    else:
+        _copy(dst.bias, src.bias, f"{what} bias")
 
 
 def pass_last_target_layer(fc: torch.Tensor) -> None:
