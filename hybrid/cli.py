@@ -137,7 +137,21 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
 @click.option("--lora-rank", type=int, default=16, show_default=True, help="With --init-from: LoRA rank.")
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="With --init-from: LoRA alpha.")
 @click.option("--eval-every", type=int, default=50, show_default=True,
-              help="With --init-from: steps between points of the held-out learning curve (OUT/curve.jsonl).")
+              help="Steps between points of the held-out learning curve (OUT/curve.jsonl): teacher-forced acceptance "
+                   "length of blocks drafted at every 4th answer position of the held-out answers.")
+@click.option("--init-layers-from-verifier", default=None, metavar="LAYER[,LAYER]",
+              help="Start the drafter's layers from these decoder layers of the verifier (0-based, one per drafter "
+                   "layer; sets --layers, --heads, --kv-heads, --head-dim and --intermediate-size to the verifier's). "
+                   "fc passes the last target layer through; see hybrid/drafters/init_layers.py.")
+@click.option("--soft-targets", type=int, default=0, show_default=True, metavar="K",
+              help="Keep the verifier's top K next-token probabilities with the features and learn them: each row's "
+                   "loss is the cross-entropy against them, renormalised (0: the verifier's greedy token only).")
+@click.option("--soft-weight", type=float, default=1.0, show_default=True,
+              help="With --soft-targets: the soft cross-entropy's share of each row's loss; the rest is the greedy token's.")
+@click.option("--feature-cache", default=None, metavar="DIR",
+              help="Folder of the verifier's features of the answers [default: OUT/generated]: runs that read the same "
+                   "verifier layers share one, so each answer costs one verifier pass.")
+@click.option("--features-only", is_flag=True, help="Featurise the answers (and corpus) into the caches and stop.")
 @click.option("--out", required=True, help="Output drafter folder (checkpoints go there too).")
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--block-size", type=int, default=16, show_default=True)
@@ -157,14 +171,20 @@ def generate(prompt, verifier, drafter, block_size, steps, trim, lookup, tree, m
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--eval-prompts", type=int, default=4, show_default=True, help="Held-out prompts for the final engine run (0: skip).")
 @_dtype_option
-def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, answers, answers_only, max_prompts, gen_batches, loss_vocab, init, init_from, lora_rank, lora_alpha, eval_every, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
+def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend, answers, answers_only, max_prompts, gen_batches, loss_vocab, init, init_from, lora_rank, lora_alpha, eval_every,
+                  init_layers_from_verifier, soft_targets, soft_weight, feature_cache, features_only, out, steps, block_size, seq_len, max_chunks, anchors, lr, gamma, layers, intermediate_size,
                   heads, kv_heads, head_dim, checkpoint_every, seed, resume, eval_prompts, dtype):
     """Distil a block-diffusion drafter for VERIFIER from its own predictions on a corpus and/or its own
     answers to prompts."""
     from hybrid.drafters.answers import pool_path
-    from hybrid.drafters.train import TrainConfig, evaluate_engine, fill_answers, train
+    from hybrid.drafters.train import TrainConfig, build_features, evaluate_engine, fill_answers, train
 
     _quiet_transformers()
+    try:
+        init_layers = [int(x) for x in init_layers_from_verifier.split(",")] if init_layers_from_verifier else None
+    except ValueError:
+        raise click.BadParameter(f"{init_layers_from_verifier!r}: give layer numbers, e.g. 25 or 25,26",
+                                 param_hint="--init-layers-from-verifier")
     cfg = TrainConfig(
         verifier=verifier, corpus=list(corpus), out=out, block_size=block_size, seq_len=seq_len, max_chunks=max_chunks,
         anchors=anchors, steps=steps, lr=lr, gamma=gamma, seed=seed, checkpoint_every=checkpoint_every, num_hidden_layers=layers,
@@ -173,14 +193,19 @@ def train_drafter(verifier, corpus, prompts, gen_tokens, gen_batch, gen_backend,
         eval_prompts=eval_prompts, prompts=list(prompts), gen_tokens=gen_tokens, gen_batch=gen_batch, gen_backend=gen_backend,
         max_prompts=max_prompts, gen_batches=gen_batches, loss_vocab=loss_vocab, init=init, extra={"resume": resume},
         answers=answers or str(pool_path(verifier, gen_tokens)), init_from=init_from, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, eval_every=eval_every,
+        lora_alpha=lora_alpha, eval_every=eval_every, init_layers_from_verifier=init_layers, soft_targets=soft_targets,
+        soft_weight=soft_weight, feature_cache=feature_cache,
     )
     if answers_only:
         n, added = fill_answers(cfg)
         click.echo(f"{cfg.answers}: {n} answers ({added} new)")
         return
+    if features_only:
+        r = build_features(cfg)
+        click.echo(f"features of {r['answers']} answers/chunks ({r['positions']} positions) in {r['wall_s']:.0f} s")
+        return
     report = train(cfg)
-    tau = report["heldout"]["tau"] if init_from else report["heldout_teacher_forced_tau"]
+    tau = report["heldout"]["tau"]
     click.echo(f"held-out mean acceptance length (teacher forced, one pass, block {block_size}): {tau:.2f}")
     if eval_prompts:
         ev = evaluate_engine(cfg)

@@ -50,6 +50,9 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (inter, H),
             p + "mlp.down_proj.weight": (H, inter),
         })
+        if cfg.get("attention_bias"):  # vLLM's DFlash layer then has biases on q/k/v and o_proj
+            shapes.update({p + "self_attn.q_proj.bias": (nh * d,), p + "self_attn.k_proj.bias": (nkv * d,),
+                           p + "self_attn.v_proj.bias": (nkv * d,), p + "self_attn.o_proj.bias": (H,)})
     return shapes
 
 

@@ -246,3 +246,203 @@ def test_answers_pool_is_filled_once_and_read_by_every_later_run(tmp_path, model
 def weights_after(cfg):
     train(cfg, progress=False)
     return weights(Path(cfg.out))
+
+
+def pool_config(tmp_path, model_dir, out, **kw):
+    """Self-distillation from a pool the tiny verifier has filled (no new answers during training)."""
+    from hybrid.drafters.train import fill_answers
+
+    prompts = tmp_path / "pool-prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"prompt": f"ab{i} cd ab{i + 1}", "category": "code", "chat": False}) + "\n"
+                                   for i in range(10)))
+    c = TrainConfig(verifier=str(model_dir), corpus=[], prompts=[str(prompts)], out=str(out), block_size=4,
+                    holdout_chunks=2, anchors=4, steps=6, lr=3e-3, warmup=2, checkpoint_every=3, eval_every=3,
+                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                    dtype="float32", gen_tokens=12, gen_batch=4, loss_vocab=16, answers=str(tmp_path / "pool.jsonl.gz"))
+    fill_answers(c, progress=False)
+    return replace(c, gen_backend="pool", **kw)
+
+
+def test_drafter_layers_start_as_the_verifiers(tmp_path, model_dir):
+    """--init-layers-from-verifier: the drafter's layer is the verifier's layer (weights and shape), fc passes the last
+    captured layer through, hidden_norm is that layer's input norm and norm the verifier's final norm (lr 0 keeps them)."""
+    c = pool_config(tmp_path, model_dir, tmp_path / "init", init_layers_from_verifier=[3], lr=0.0, steps=2)
+    train(c, progress=False)
+    w = weights(tmp_path / "init")
+    v = HFVerifier.from_pretrained(str(model_dir))
+    src = {k: p for k, p in v.body.layers[3].named_parameters()}
+    assert {k[len("layers.0."):] for k in w if k.startswith("layers.0.")} == set(src)
+    for k, p in src.items():
+        assert torch.equal(w[f"layers.0.{k}"], p), k
+    saved = json.loads((tmp_path / "init" / "config.json").read_text())["hybrid_drafter"]
+    assert saved["target_layer_ids"] == [0, 2] and saved["num_hidden_layers"] == 1
+    assert saved["intermediate_size"] == v.config.intermediate_size == w["layers.0.mlp.up_proj.weight"].shape[0]
+    H = v.hidden_size
+    assert torch.equal(w["fc.weight"], torch.cat([torch.zeros(H, H), torch.eye(H)], 1))  # layer 2's hidden state
+    assert torch.equal(w["hidden_norm.weight"], src["input_layernorm.weight"])  # layer 3 reads layer 2's output
+    assert torch.equal(w["norm.weight"], v.body.norm.weight)
+
+
+def test_layers_of_a_verifier_without_qk_norms(tmp_path):
+    """A Qwen2 verifier (q/k/v biases, no q/k norms): weights and biases copied (o_proj's bias zero, as vLLM's DFlash
+    layer with attention_bias has one), q_norm and k_norm the mean RMS of the layer's head queries and keys on the
+    sample text; the drafter exports for vLLM with its biases; a drafter of another shape is refused."""
+    from conftest import make_verifier
+
+    from hybrid.drafters.init_layers import copy_verifier_layers, verifier_layer_shape
+    from hybrid.errors import UserError
+    from hybrid.vllm_export import expected_shapes, export_vllm
+
+    v = make_verifier("qwen2", seed=1)
+    drafter = DiffusionDrafter.for_verifier(v, target_layer_ids=[0], num_hidden_layers=1, **verifier_layer_shape(v))
+    sample = torch.tensor([5, 9, 13, 40, 41, 42, 7, 8])
+    copy_verifier_layers(drafter.model, v, [1], [sample])
+    layer = v.body.layers[1]
+    attn = layer.self_attn
+    mine = drafter.model.layers[0].self_attn
+    assert torch.equal(mine.q_proj.weight, attn.q_proj.weight)
+    assert torch.equal(drafter.model.layers[0].mlp.down_proj.weight, layer.mlp.down_proj.weight)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(mine, name).bias, getattr(attn, name).bias)
+    assert attn.o_proj.bias is None and torch.equal(mine.o_proj.bias, torch.zeros(v.hidden_size))
+    drafter.save(tmp_path / "d")
+    export_vllm(tmp_path / "d", tmp_path / "vllm")
+    cfg = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert cfg["attention_bias"] and "layers.0.self_attn.o_proj.bias" in expected_shapes(cfg)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None)),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        v.body(input_ids=sample[None], use_cache=False)
+    handle.remove()
+    x = layer.input_layernorm(seen[0][0])  # [T, H] the layer's normed input
+    d = drafter.config.head_dim
+    for proj, norm in ((attn.q_proj, drafter.model.layers[0].self_attn.q_norm),
+                       (attn.k_proj, drafter.model.layers[0].self_attn.k_norm)):
+        heads = (x @ proj.weight.T + proj.bias).reshape(-1, d)
+        expected = heads.pow(2).mean(-1).sqrt().mean()
+        torch.testing.assert_close(norm.weight, torch.full((d,), expected.item()))
+    narrow = DiffusionDrafter.for_verifier(v, target_layer_ids=[0], num_hidden_layers=1, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, intermediate_size=32)
+    with pytest.raises(UserError, match="mlp|gate_proj|up_proj"):
+        copy_verifier_layers(narrow.model, v, [1], [sample])
+
+
+def test_soft_target_loss_by_hand(monkeypatch):
+    """--soft-targets: each row's cross-entropy against the verifier's top-k probabilities renormalised, mixed with
+    the hard target's by --soft-weight, over the full vocabulary or a subset plus the targets and soft tokens."""
+    import math
+
+    from hybrid.drafters.train import block_logits_loss
+
+    V, B = 6, 2
+    h = torch.zeros(1, B + 1, V)
+    h[0, 1] = torch.tensor([2.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # row 1's logits (the head is the identity)
+    h[0, 2] = torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+    monkeypatch.setattr("hybrid.drafters.train.blocks_forward", lambda *a, **k: h)
+    head = torch.nn.Linear(V, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(V))
+    feat = {"soft_ids": torch.tensor([[0, 1, 5], [2, 3, 5], [0, 0, 0]], dtype=torch.int32),  # top 2 of 3 kept
+            "soft_probs": torch.tensor([[0.375, 0.125, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float16)}
+    batch = (None, None, torch.tensor([[0, 2]]), torch.tensor([[1.0, 0.5]]), torch.ones(1, B, dtype=torch.bool),
+             torch.tensor([0]))
+
+    def by_hand(ids, weight):
+        lse0 = math.log(sum(math.exp([2, 1, 0, 0, 0, 0][i]) for i in ids))
+        lse1 = math.log(sum(math.exp([0, 0, 3, 0, 0, 0][i]) for i in ids))
+        hard = [lse0 - 2, lse1 - 3]
+        soft = [-(0.75 * (2 - lse0) + 0.25 * (1 - lse0)), -(0.5 * (3 - lse1) + 0.5 * (0 - lse1))]
+        rows = [(1 - weight) * a + weight * b for a, b in zip(hard, soft)]
+        return (1.0 * rows[0] + 0.5 * rows[1]) / 1.5
+
+    for weight in (1.0, 0.5):
+        loss, _ = block_logits_loss(None, None, head, feat, batch, B, None, soft_k=2, soft_weight=weight)
+        assert loss.item() == pytest.approx(by_hand(range(V), weight), rel=1e-6)
+        loss, _ = block_logits_loss(None, None, head, feat, batch, B, torch.tensor([4]), soft_k=2, soft_weight=weight)
+        assert loss.item() == pytest.approx(by_hand([0, 1, 2, 3, 4], weight), rel=1e-6)  # {4} + targets + soft tokens
+    hard, _ = block_logits_loss(None, None, head, feat, batch, B, None)
+    mixed, _ = block_logits_loss(None, None, head, feat, batch, B, None, soft_k=2, soft_weight=0.0)
+    assert hard.item() == pytest.approx(mixed.item(), rel=1e-6)
+
+
+def test_soft_targets_are_the_verifiers_top_probabilities():
+    from conftest import make_verifier
+
+    from hybrid.drafters.train import answer_features
+
+    v = make_verifier("qwen3", seed=3)
+    prompt, answer = [5, 9, 13], [40, 41, 7, 8, 9]
+    f = answer_features(v, [0, 2], prompt, answer, soft_k=4)
+    with torch.no_grad():
+        p = torch.softmax(v.model(torch.tensor([f["tokens"].tolist()])).logits[0].float(), -1)  # [S, V]
+    for i in range(f["start"], len(f["tokens"])):
+        top = p[i].topk(4)
+        assert f["soft_ids"][i].tolist() == top.indices.tolist() and f["soft_ids"][i, 0] == f["pred"][i]
+        torch.testing.assert_close(f["soft_probs"][i].float(), top.values, atol=1e-3, rtol=1e-3)
+
+
+def test_soft_targets_and_initialised_layers_resume_exactly_with_a_curve(tmp_path, model_dir, monkeypatch):
+    """Both options together: deterministic, an interrupted run resumes to the same weights and the same learning
+    curve (step, target tokens, held-out tau), and the pool is never answered again."""
+    import hybrid.drafters.train as train_mod
+
+    kw = dict(init_layers_from_verifier=[3], soft_targets=4, soft_weight=0.5, feature_cache=str(tmp_path / "feats"))
+    c = pool_config(tmp_path, model_dir, tmp_path / "a", **kw)
+    monkeypatch.setattr(train_mod, "generate_features", lambda *a, **k: pytest.fail("answered again"))
+    r = train(c, progress=False)
+    train(replace(c, out=str(tmp_path / "b"), extra={"stop_after": 3}), progress=False)
+    train(replace(c, out=str(tmp_path / "b"), extra={"resume": True}), progress=False)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    curve = lambda d: [json.loads(l) for l in (tmp_path / d / "curve.jsonl").read_text().splitlines()]  # noqa: E731
+    ca, cb = curve("a"), curve("b")
+    assert [p["step"] for p in ca] == [0, 3, 6] and ca[0]["target_tokens"] == 0
+    assert ca[1]["target_tokens"] < ca[2]["target_tokens"] and ca[1]["wall_s"] <= ca[2]["wall_s"]
+    assert [(p["step"], p["target_tokens"], p["tau"], p["per_position"]) for p in ca] == \
+        [(p["step"], p["target_tokens"], p["tau"], p["per_position"]) for p in cb]
+    assert r["heldout"]["tau"] == ca[-1]["tau"] >= 1.0 and len(ca[-1]["per_position"]) == 4
+    # one feature cache for both runs; asking it for more soft targets than it holds is an error
+    from hybrid.errors import UserError
+
+    with pytest.raises(UserError, match="--soft-targets"):
+        train(replace(c, out=str(tmp_path / "c"), soft_targets=8), progress=False)
+
+
+def test_heldout_answers_are_the_parallel_drafters(tmp_path, model_dir):
+    """Diffusion and parallel drafter runs hold out the same answers: the first usable ones in prompt order."""
+    from hybrid.drafters.parallel_train import prompt_key, sequences
+    from hybrid.drafters.train import verifier_tokenizer
+
+    c = pool_config(tmp_path, model_dir, tmp_path / "h", steps=1)
+    train(c, progress=False)
+    held = json.loads((tmp_path / "h" / "holdout-prompts.json").read_text())
+    parallel = sequences(c, verifier_tokenizer(str(model_dir)), progress=False)
+    assert held == [list(prompt_key(*d)) for d in parallel[:2]]
+
+
+def test_heldout_acceptance_blocks(monkeypatch):
+    """A block at every 4th answer position, [x_a, mask x B] drafting x_{a+1..a+B}, accepted up to its first miss."""
+    from hybrid.drafters.train import heldout_acceptance
+
+    S, B, start, V = 30, 4, 9, 200
+    x = torch.arange(100, 100 + S)
+    feat = {"tokens": x, "pred": x.roll(-1), "hidden": torch.zeros(S, 8), "start": start}
+    monkeypatch.setattr("hybrid.drafters.train.blocks_forward",
+                        lambda d, e, f, ids, positions, anchors, B: positions.float()[..., None])  # h = the position
+
+    class Drafter:
+        config = type("C", (), {"mask_token_id": 3})
+        draft_vocab = None
+
+        def draft_logits(self, h):  # right at positions not divisible by 3
+            pos = h[..., 0].long()
+            tok = torch.where(pos % 3 == 0, 0, x[pos.clamp(max=S - 1)])
+            return torch.nn.functional.one_hot(tok, V).float()
+
+    r = heldout_acceptance(Drafter(), None, [feat], B)
+    anchors = range(start, S - B, 4)
+    acc = [next((j for j in range(B) if (a + 1 + j) % 3 == 0), B) for a in anchors]
+    assert r["blocks"] == len(anchors) and r["tau"] == pytest.approx(1 + sum(acc) / len(acc))
+    assert r["per_position"] == pytest.approx([sum(n > j for n in acc) / len(acc) for j in range(B)])

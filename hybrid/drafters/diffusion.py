@@ -59,6 +59,8 @@ class DrafterConfig:
     verifier: str = ""  # the verifier this drafter was made for
     vocab_fingerprint: str = ""
     draft_sampling: str = "argmax"  # "argmax" (q one-hot) or "sample" (q = drafter probabilities)
+    attention_bias: bool = False  # q/k/v/o projections with biases (vLLM's DFlash layout with attention_bias),
+    # for layers started from a verifier whose attention has biases (Qwen2)
     training: dict = field(default_factory=dict)
 
     def to_hf(self) -> dict:
@@ -77,7 +79,7 @@ class DrafterConfig:
             "rope_theta": self.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": False,
+            "attention_bias": self.attention_bias,
             "use_sliding_window": False,
             "tie_word_embeddings": False,
             "vocab_size": self.vocab_size,
@@ -123,10 +125,11 @@ class Attention(nn.Module):
     def __init__(self, c: DrafterConfig):
         super().__init__()
         self.c = c
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+        bias = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 

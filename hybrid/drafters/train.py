@@ -31,6 +31,18 @@ the drafter's own layer per row on a CPU; the loss is taken over the `loss_vocab
 predicts most often in the training features, plus every target of the batch (a sampled softmax). The
 drafter is saved with that vocabulary (draft_vocab.safetensors) and drafts from it: the same saving at
 inference, and lossless since the verifier checks every draft token.
+
+Soft targets (`soft_targets` K). The same verifier pass keeps its K most probable next tokens and their
+probabilities per position; a row's loss is then the cross-entropy against those K renormalised (mixed with the
+greedy token's by `soft_weight`), which tells the drafter how close the runners-up were.
+
+Pretrained layers (`init_layers_from_verifier`). The drafter's layers start as the verifier's own decoder layers,
+with fc passing the last target layer through (hybrid.drafters.init_layers), instead of at random.
+
+Progress is a learning curve (OUT/curve.jsonl, every `eval_every` steps): the held-out teacher-forced acceptance
+length, defined as for parallel drafters (heldout_acceptance) on the same held-out answers (split_holdout), next to
+the target tokens (rows with a loss) and the wall and CPU seconds trained so far. Featurising is logged apart, in
+the feature cache's featurise.jsonl: one verifier pass per answer, shared by the runs that read that cache.
 """
 from __future__ import annotations
 
@@ -41,7 +53,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,9 +108,15 @@ class TrainConfig:
     init_from: str | None = None  # a pretrained causal LM to adapt into a parallel drafter (hybrid.drafters.parallel)
     lora_rank: int = 16  # with init_from: LoRA rank and alpha over its linear layers
     lora_alpha: float = 32.0
-    eval_every: int = 50  # with init_from: steps between points of the held-out learning curve
+    eval_every: int = 50  # steps between points of the held-out learning curve (OUT/curve.jsonl)
     answers: str | None = None  # the answers pool file (None: one of this run's own, under out; the CLI's
     # default is the committed pool, data/answers/<verifier>-<gen_tokens>.jsonl.gz)
+    init_layers_from_verifier: list[int] | None = None  # verifier decoder layers whose weights start the drafter's
+    # layers, one each (hybrid.drafters.init_layers); the drafter then takes the verifier's layer shape
+    soft_targets: int = 0  # the verifier's top-k next-token probabilities kept per position and learnt (0: hard targets)
+    soft_weight: float = 1.0  # with soft_targets: the soft cross-entropy's share of each row's loss (the rest: hard)
+    feature_cache: str | None = None  # folder of the self-distillation features (None: OUT/generated); runs with the
+    # same verifier, target layers and soft targets can share one
     extra: dict = field(default_factory=dict)
 
 
@@ -250,15 +268,33 @@ def layer_outputs(verifier, layer_ids: list[int]):
 
 
 @torch.inference_mode()
-def featurise(verifier, layer_ids: list[int], chunk: list[int], start: int = 0) -> dict:
+def featurise(verifier, layer_ids: list[int], chunk: list[int], start: int = 0, soft_k: int = 0) -> dict:
     """One verifier pass over a chunk -> hidden [S, L*Ht] of the target layers, greedy predictions [S]
-    (pred[i] predicts chunk[i+1]; before `start`, where no loss is taken, the chunk's own next token)."""
+    (pred[i] predicts chunk[i+1]; before `start`, where no loss is taken, the chunk's own next token), and with
+    soft_k the verifier's top soft_k next-token probabilities (soft_targets)."""
     with layer_outputs(verifier, layer_ids) as captured:
         out = verifier.body(input_ids=torch.tensor([chunk], device=verifier.device), use_cache=False)
         pred = torch.tensor(chunk[1:] + [chunk[-1]])  # [S]
-        pred[start:] = verifier.head(out.last_hidden_state[0, start:]).argmax(-1).cpu()  # [S - start]
+        logits = verifier.head(out.last_hidden_state[0, start:])  # [S - start, V]
+        pred[start:] = logits.argmax(-1).cpu()
     hidden = torch.cat([captured[i][0][0] for i in sorted(layer_ids)], -1)  # [S, L*Ht]
-    return {"tokens": torch.tensor(chunk), "hidden": hidden.cpu(), "pred": pred}
+    feat = {"tokens": torch.tensor(chunk), "hidden": hidden.cpu(), "pred": pred}
+    if soft_k:
+        feat.update(soft_targets(logits, pred, start, soft_k))
+    return feat
+
+
+def soft_targets(logits: torch.Tensor, pred: torch.Tensor, start: int, k: int) -> dict:
+    """The verifier's k most probable next tokens and their probabilities at positions start.. (logits [S - start, V])
+    -> soft_ids [S, k] int32, soft_probs [S, k] float16, most probable first; before `start`, where no loss is
+    taken, the chunk's own next token with probability 1."""
+    S = pred.shape[0]
+    ids = torch.zeros(S, k, dtype=torch.int32)
+    probs = torch.zeros(S, k, dtype=torch.float16)
+    ids[:start, 0], probs[:start, 0] = pred[:start].int(), 1.0
+    top = torch.softmax(logits.float(), -1).topk(k, -1)
+    ids[start:], probs[start:] = top.indices.int().cpu(), top.values.half().cpu()
+    return {"soft_ids": ids, "soft_probs": probs}
 
 
 def through_eos(answer: list[int], eos_token_ids) -> list[int]:
@@ -266,11 +302,11 @@ def through_eos(answer: list[int], eos_token_ids) -> list[int]:
     return answer[: next((j + 1 for j, t in enumerate(answer) if t in eos_token_ids), len(answer))]
 
 
-def answer_features(verifier, layer_ids: list[int], prompt: list[int], answer: list[int]) -> dict:
+def answer_features(verifier, layer_ids: list[int], prompt: list[int], answer: list[int], soft_k: int = 0) -> dict:
     """Features of an answer produced elsewhere (vLLM), in generate_features' layout: one verifier pass
     over prompt + answer; start = the prompt's last index."""
     full = list(prompt) + through_eos(list(answer), verifier.eos_token_ids)
-    feat = featurise(verifier, layer_ids, full[:-1], start=len(prompt) - 1)
+    feat = featurise(verifier, layer_ids, full[:-1], start=len(prompt) - 1, soft_k=soft_k)
     feat["start"] = len(prompt) - 1
     return feat
 
@@ -285,10 +321,11 @@ def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chu
     t0, done_tokens = time.perf_counter(), 0
     for i, chunk in enumerate(chunks):
         f = cache / f"{i:05d}.pt"
-        if f.exists():
-            feats.append(torch.load(f))
+        d = torch.load(f) if f.exists() else None
+        if d is not None and (not cfg.soft_targets or d.get("soft_ids", torch.zeros(0, 0)).shape[1] >= cfg.soft_targets):
+            feats.append(d)
         else:
-            d = featurise(verifier, layer_ids, chunk)
+            d = featurise(verifier, layer_ids, chunk, soft_k=cfg.soft_targets)
             torch.save(d, f)
             feats.append(d)
             done_tokens += len(chunk)
@@ -346,34 +383,60 @@ def load_feature_cache(cache: Path) -> dict[tuple[int, ...], dict]:
     return {prompt_key(f): f for file in sorted(cache.glob("*.pt")) for f in torch.load(file)}
 
 
+def feature_cache_dir(cfg: TrainConfig, layer_ids: list[int]) -> Path:
+    """The self-distillation feature cache (cfg.feature_cache or OUT/generated), checked against its features.json:
+    the target layers and soft targets its features hold, written by the run that creates it."""
+    cache = Path(cfg.feature_cache) if cfg.feature_cache else Path(cfg.out) / "generated"
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_file = cache / "features.json"
+    meta = {"verifier": cfg.verifier, "target_layer_ids": sorted(layer_ids), "soft_targets": cfg.soft_targets}
+    if not meta_file.exists():  # a cache from before features.json holds no soft targets
+        meta_file.write_text(json.dumps({**meta, "soft_targets": 0 if any(cache.glob("*.pt")) else cfg.soft_targets}))
+    have = json.loads(meta_file.read_text())
+    if have["target_layer_ids"] != meta["target_layer_ids"]:
+        raise UserError(f"{cache} holds verifier layers {have['target_layer_ids']}, this drafter reads "
+                        f"{meta['target_layer_ids']}: give another --feature-cache")
+    if have.get("soft_targets", 0) < cfg.soft_targets:
+        raise UserError(f"{cache} holds the verifier's top {have.get('soft_targets', 0)} probabilities, --soft-targets "
+                        f"asks {cfg.soft_targets}: give another --feature-cache")
+    return cache
+
+
 def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], prompts: list[list[int]],
                               progress=True) -> list[dict]:
     """Self-distillation features, generated in batches of similar prompt length and cached per prompt
-    (files of one batch each): a run with more prompts only answers the new ones."""
+    (files of one batch each): a run with more prompts only answers the new ones. With gen_backend "pool"
+    only the prompts the answers pool has answered are used, and none is answered."""
     from tqdm import tqdm
 
-    cache = Path(cfg.out) / "generated"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = feature_cache_dir(cfg, layer_ids)
+    pool_file = answers_file(cfg)
+    pool = read_answers(pool_file)  # the verifier's answers from earlier runs, on any machine
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    if cfg.gen_backend == "pool":
+        order = [i for i in order if tuple(prompts[i]) in pool]
     batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
     random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
     batches = batches[: cfg.gen_batches]
     cached = load_feature_cache(cache)
     todo = [[i for i in batch if tuple(prompts[i]) not in cached] for batch in batches]
-    pool_file = answers_file(cfg)
-    pool = read_answers(pool_file)  # the verifier's answers from earlier runs, on any machine
-    if cfg.gen_backend == "vllm" and any(tuple(prompts[i]) not in pool for t in todo for i in t):
+    unanswered = [i for t in todo for i in t if tuple(prompts[i]) not in pool]
+    if cfg.gen_backend == "vllm" and unanswered:
         from hybrid.demo import resolve_model
         from hybrid.drafters.vllm_answers import answer_with_vllm
 
-        pool = answer_with_vllm(resolve_model(cfg.verifier), [prompts[i] for t in todo for i in t], cfg.gen_tokens,
+        pool = answer_with_vllm(resolve_model(cfg.verifier), [prompts[i] for i in unanswered], cfg.gen_tokens,
                                 cfg.dtype, pool_file)
+    elif unanswered and cfg.soft_targets:
+        raise UserError(f"--soft-targets: {len(unanswered)} prompts have no answer in the pool, and transformers' generate "
+                        "keeps no probabilities: answer them first (--answers-only, or --gen-backend vllm)")
     bar = tqdm(total=sum(map(len, todo)), desc="verifier answers", unit="answer", disable=not progress or not any(todo))
-    t0, done = time.perf_counter(), 0
+    done = 0
     next_file = max((int(f.stem) + 1 for f in cache.glob("*.pt") if f.stem.isdigit()), default=0)
     for batch in filter(None, todo):
+        t0, c0 = time.perf_counter(), time.process_time()
         known = [i for i in batch if tuple(prompts[i]) in pool]  # answered before: one verifier pass each
-        got = [answer_features(verifier, layer_ids, prompts[i], pool[tuple(prompts[i])]) for i in known]
+        got = [answer_features(verifier, layer_ids, prompts[i], pool[tuple(prompts[i])], cfg.soft_targets) for i in known]
         new = [i for i in batch if tuple(prompts[i]) not in pool]
         if new:  # answered now by transformers' generate, whose pass gives the hidden states too
             fresh = generate_features(verifier, layer_ids, [prompts[i] for i in new], cfg.gen_tokens)
@@ -381,14 +444,27 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
             pool.update((tuple(prompts[i]), answer_of(f)) for i, f in zip(new, fresh))
             got += fresh
         torch.save(got, cache / f"{next_file:05d}.pt")
+        with open(cache / "featurise.jsonl", "a") as f:  # what featurising cost: a share of each run's CPU budget
+            f.write(json.dumps({"file": next_file, "answers": len(got), "positions": sum(len(g["tokens"]) for g in got),
+                                "wall_s": round(time.perf_counter() - t0, 1),
+                                "cpu_s": round(time.process_time() - c0, 1)}) + "\n")
         next_file += 1
         cached.update((prompt_key(g), g) for g in got)
-        done += sum(len(g["tokens"]) - g["start"] for g in got)
+        done += sum(len(g["tokens"]) for g in got)
         bar.update(len(batch))
-        bar.set_postfix(new_tok_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
+        bar.set_postfix(pos=done)
     bar.close()
     feats = [cached[tuple(prompts[i])] for batch in batches for i in batch]
     return [f for f in feats if len(f["tokens"]) - cfg.block_size - 1 > f["start"]]
+
+
+def split_holdout(feats: list[dict], prompts: list[list[int]], n: int) -> tuple[list[dict], list[dict]]:
+    """(held out, training): the first n usable answers in prompt order, as parallel drafter runs hold out
+    (hybrid.drafters.parallel_train.sequences), so drafters of both kinds are measured on the same answers."""
+    by_prompt = {prompt_key(f): f for f in feats}
+    first = [by_prompt[tuple(p)] for p in prompts if tuple(p) in by_prompt][:n]
+    held = {prompt_key(f) for f in first}
+    return first, [f for f in feats if prompt_key(f) not in held]
 
 
 def loss_vocabulary(feats: list[dict], size: int, vocab_size: int | None = None) -> torch.Tensor | None:
@@ -456,21 +532,42 @@ def blocks_forward(drafter, embed, feat, ids, positions, anchors, B: int) -> tor
     return model(embed(ids), positions, ctx_kv, block_attention_mask(anchors, S, B))
 
 
-def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int, vocab: torch.Tensor | None = None):
+def soft_targets_of(feat: dict, anchors: torch.Tensor, B: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verifier's top-k next tokens for each block row -> ids [nb, B, k], probabilities renormalised over
+    those k [nb, B, k]; row j of anchor a predicts position a + j + 1, as its hard target does."""
+    at = anchors[:, None] + torch.arange(B)[None]  # [nb, B]
+    ids = feat["soft_ids"][at][..., :k].long()
+    p = feat["soft_probs"][at][..., :k].float()
+    return ids, p / p.sum(-1, keepdim=True)
+
+
+def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: int, vocab: torch.Tensor | None = None,
+                      soft_k: int = 0, soft_weight: float = 1.0):
     """Weighted cross-entropy of the masked rows, over `vocab` (sorted ids) plus the batch's targets, or
-    the full vocabulary; returns (loss, accuracy of masked rows within that vocabulary)."""
+    the full vocabulary; returns (loss, accuracy of masked rows within that vocabulary).
+
+    With soft_k, each row's loss is (1 - soft_weight) x the hard target's cross-entropy + soft_weight x the
+    cross-entropy against the verifier's top soft_k probabilities, renormalised (soft_targets_of); those
+    tokens join the softmax's vocabulary as the targets do."""
     ids, positions, tgt, w, masked, anchors = batch
     h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)  # [nb, B+1, H]
     rows = h[:, 1:][masked]  # [m, H]
     target = tgt[masked]  # [m]
+    if soft_k:
+        soft_ids, soft_p = (x[masked] for x in soft_targets_of(feat, anchors, B, soft_k))  # [m, k]
     if vocab is None:
         logits = head(rows).float()  # [m, V]
     else:
-        vocab = torch.unique(torch.cat([vocab, target]))  # [V'] sorted
+        vocab = torch.unique(torch.cat([vocab, target] + ([soft_ids.flatten()] if soft_k else [])))  # [V'] sorted
         bias = None if head.bias is None else head.bias[vocab]
         logits = F.linear(rows, head.weight[vocab], bias).float()  # [m, V']
         target = torch.searchsorted(vocab, target)
-    ce = F.cross_entropy(logits, target, reduction="none")
+        if soft_k:
+            soft_ids = torch.searchsorted(vocab, soft_ids)
+    logp = torch.log_softmax(logits, -1)
+    ce = -logp.gather(1, target[:, None])[:, 0]  # [m]
+    if soft_k:
+        ce = (1 - soft_weight) * ce - soft_weight * (soft_p * logp.gather(1, soft_ids)).sum(-1)
     ww = w[masked]
     loss = (ce * ww).sum() / ww.sum()
     acc = (logits.argmax(-1) == target).float().mean()
@@ -478,25 +575,84 @@ def block_logits_loss(drafter: DiffusionDrafter, embed, head, feat, batch, B: in
 
 
 @torch.no_grad()
-def teacher_forced_acceptance(drafter, embed, head, feats, cfg: TrainConfig, g: torch.Generator) -> float:
-    """Mean acceptance length of one-step drafts on held-out chunks, counted while the verifier's
-    greedy continuation is known (a lower bound on the real figure)."""
-    taus = []
-    B = cfg.block_size
+def heldout_acceptance(drafter, embed, feats, B: int, stride: int = 4) -> dict:
+    """Teacher-forced acceptance, defined as for parallel drafters (hybrid.drafters.parallel_train.heldout_acceptance):
+    at every `stride`-th answer position a the block [x_a, mask x B] is drafted in one pass and accepted while it
+    matches the verifier's answer x_{a+1..a+B} -> {"tau": mean accepted + 1, "per_position": acceptance rate at
+    each draft position, "blocks"}. Corpus chunks (no answer) count a row only while the text agrees with the
+    verifier's predictions, since past that the verifier's own continuation is unknown."""
+    accepted, reach = [], torch.zeros(B)
+    k = torch.arange(B)
     for feat in feats:
-        one_step = replace(cfg, partial_mask_share=0.0)  # all-mask blocks: the one-step draft
-        ids, positions, tgt, w, masked, anchors = make_batch(feat, one_step, drafter.config.mask_token_id, g)
+        x = feat["tokens"]
+        anchors = torch.arange(int(feat.get("start", 1)), x.shape[0] - B, stride)  # [A]; a + B <= last index
+        if not len(anchors):
+            continue
+        ids = torch.full((len(anchors), B + 1), drafter.config.mask_token_id, dtype=torch.long)
+        ids[:, 0] = x[anchors]
+        positions = anchors[:, None] + torch.arange(B + 1)[None]  # [A, B+1]
         h = blocks_forward(drafter, embed, feat, ids, positions, anchors, B)
-        draft = drafter.draft_logits(h[:, 1:]).argmax(-1)  # [nb, B] indices into the draft vocabulary
+        draft = drafter.draft_logits(h[:, 1:]).argmax(-1)  # [A, B] indices into the draft vocabulary
         if drafter.draft_vocab is not None:
             draft = drafter.draft_vocab[draft]
-        known = on_policy_rows(feat["tokens"], tgt, anchors)
-        ok = ((draft == tgt) & known).int().cumprod(1).sum(1)  # accepted draft tokens
-        taus += (ok + 1).tolist()
-    return sum(taus) / len(taus)
+        truth = x[anchors[:, None] + k[None] + 1]  # [A, B]
+        ok = draft == truth
+        if "start" not in feat:
+            ok &= truth == feat["pred"][anchors[:, None] + k[None]]  # the text is the verifier's prediction
+        ok = ok.int().cumprod(1)  # [A, B] accepted prefix
+        accepted += ok.sum(1).tolist()
+        reach += ok.sum(0).float()
+    n = max(len(accepted), 1)
+    return {"tau": 1 + sum(accepted) / n, "per_position": (reach / n).tolist(), "blocks": len(accepted)}
 
 
 # -- the training run -----------------------------------------------------------------------
+def new_drafter(cfg: TrainConfig, verifier) -> DiffusionDrafter:
+    """The drafter to train, shaped by cfg, or by the verifier's decoder layers with init_layers_from_verifier."""
+    from hybrid.drafters.init_layers import check_layer_ids, verifier_layer_shape
+
+    shape = {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+             "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+             "intermediate_size": cfg.intermediate_size}
+    if cfg.init_layers_from_verifier:
+        if cfg.init:
+            raise UserError("--init-layers-from-verifier starts a new drafter: leave out --init")
+        check_layer_ids(verifier, cfg.init_layers_from_verifier)
+        shape = {**verifier_layer_shape(verifier), "num_hidden_layers": len(cfg.init_layers_from_verifier)}
+    return DiffusionDrafter.for_verifier(verifier, block_size=cfg.block_size, max_steps=cfg.max_steps,
+                                         target_layer_ids=cfg.target_layer_ids, **shape)
+
+
+def training_features(cfg: TrainConfig, verifier, layer_ids: list[int], progress: bool) -> tuple[list[dict], list[dict]]:
+    """(held out, training) features of the corpus chunks and the prompts' answers."""
+    corpus_feats, gen_held, gen_train = [], [], []
+    if cfg.corpus:
+        chunks = corpus_chunks(iter_corpus_files(cfg.corpus), verifier.tokenizer, cfg.seq_len,
+                               cfg.max_chunks + cfg.holdout_chunks, cfg.seed, cfg.chat_share)
+        if len(chunks) <= cfg.holdout_chunks:
+            raise UserError(f"corpus gives only {len(chunks)} chunks of {cfg.seq_len} tokens: add text or lower --seq-len")
+        corpus_feats = load_or_build_features(cfg, verifier, layer_ids, chunks, progress)
+    if cfg.prompts:
+        prompts = prompt_tokens(cfg, verifier)
+        gen_feats = load_or_generate_features(cfg, verifier, layer_ids, prompts, progress)
+        if len(gen_feats) <= cfg.holdout_chunks:
+            raise UserError(f"--prompts gave only {len(gen_feats)} usable answers: add prompts or raise --gen-tokens")
+        gen_held, gen_train = split_holdout(gen_feats, prompts, cfg.holdout_chunks)
+    return corpus_feats[: cfg.holdout_chunks] + gen_held, corpus_feats[cfg.holdout_chunks:] + gen_train
+
+
+def build_features(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Featurise the corpus and the prompts' answers into the caches and stop (`train-drafter --features-only`)."""
+    from hybrid.verifiers.hf import HFVerifier
+
+    verifier = HFVerifier.from_pretrained(cfg.verifier, getattr(torch, cfg.dtype))
+    t0 = time.perf_counter()
+    held, train_feats = training_features(cfg, verifier, new_drafter(cfg, verifier).capture_layers, progress)
+    feats = held + train_feats
+    return {"answers": len(feats), "positions": sum(len(f["tokens"]) for f in feats),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -518,17 +674,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     for p in verifier.model.parameters():
         p.requires_grad_(False)
 
-    drafter = DiffusionDrafter.for_verifier(
-        verifier,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.intermediate_size,
-        block_size=cfg.block_size,
-        max_steps=cfg.max_steps,
-        target_layer_ids=cfg.target_layer_ids,
-    )
+    drafter = new_drafter(cfg, verifier)
     init = None
     if cfg.init:
         init = DiffusionDrafter.load(cfg.init, verifier)
@@ -542,21 +688,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     drafter.model.float().train()
     layer_ids = drafter.capture_layers
 
-    corpus_feats, gen_feats = [], []
-    if cfg.corpus:
-        chunks = corpus_chunks(iter_corpus_files(cfg.corpus), verifier.tokenizer, cfg.seq_len,
-                               cfg.max_chunks + cfg.holdout_chunks, cfg.seed, cfg.chat_share)
-        if len(chunks) <= cfg.holdout_chunks:
-            raise UserError(f"corpus gives only {len(chunks)} chunks of {cfg.seq_len} tokens: add text or lower --seq-len")
-        corpus_feats = load_or_build_features(cfg, verifier, layer_ids, chunks, progress)
-    if cfg.prompts:
-        gen_feats = load_or_generate_features(cfg, verifier, layer_ids, prompt_tokens(cfg, verifier), progress)
-        if len(gen_feats) <= cfg.holdout_chunks:
-            raise UserError(f"--prompts gave only {len(gen_feats)} usable answers: add prompts or raise --gen-tokens")
-    holdout = corpus_feats[: cfg.holdout_chunks] + gen_feats[: cfg.holdout_chunks]
-    train_feats = corpus_feats[cfg.holdout_chunks:] + gen_feats[cfg.holdout_chunks:]
+    holdout, train_feats = training_features(cfg, verifier, layer_ids, progress)
     (out / "holdout-prompts.json").write_text(json.dumps(
         [f["tokens"][: f["start"] + 1 if "start" in f else min(128, cfg.seq_len // 2)].tolist() for f in holdout]))
+    if cfg.init_layers_from_verifier:
+        from hybrid.drafters.init_layers import copy_verifier_layers
+
+        copy_verifier_layers(drafter.model, verifier, cfg.init_layers_from_verifier,
+                             [f["tokens"] for f in train_feats[:4]])  # q/k norm calibration text, if needed
     if init is not None and init.draft_vocab is not None and cfg.loss_vocab == init.draft_vocab.numel():
         vocab = init.draft_vocab.cpu()  # go on with the vocabulary --init learnt on all of its data, not this run's
     else:
@@ -568,7 +707,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
     g = torch.Generator().manual_seed(cfg.seed)
-    start = 0
+    start, seen, curve = 0, 0, []  # target tokens: rows with a loss
+    before = {"wall_s": 0.0, "cpu_s": 0.0}  # wall and CPU (all threads) seconds of training before this process
     ckpt = out / "checkpoint.pt"
     if cfg.extra.get("resume") and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -578,36 +718,60 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         g.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
+        seen, curve = state["seen"], state["curve"]
+        before = {"wall_s": state["wall_s"], "cpu_s": state["cpu_s"]}
 
     embed, head = verifier.model.get_input_embeddings(), verifier.head
+    autocast = dict(device_type="cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32)
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def clocks() -> dict:
+        return {"wall_s": round(before["wall_s"] + time.perf_counter() - t0, 1),
+                "cpu_s": round(before["cpu_s"] + time.process_time() - c0, 1)}
+
+    def evaluate(step: int) -> dict:
+        drafter.model.eval()
+        with torch.autocast(**autocast):
+            r = heldout_acceptance(drafter, embed, holdout, cfg.block_size)
+        drafter.model.train()
+        curve.append({"step": step, "target_tokens": seen, **clocks(), **r})
+        (out / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in curve))
+        if progress:
+            tqdm.write(f"step {step}: {seen} target tokens, held-out tau {r['tau']:.2f} "
+                       f"{[round(x, 2) for x in r['per_position']]}")
+        return r
+
+    if start == 0:
+        evaluate(0)  # where the curve starts
     order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     bar = tqdm(range(start, cfg.steps), desc="train drafter", unit="step", disable=not progress, initial=start, total=cfg.steps)
-    t0, rows_done = time.perf_counter(), 0
     loss_ema = None
     history = []
     for step in bar:
         feat = train_feats[order[step % len(order)]]
         batch = make_batch(feat, cfg, drafter.config.mask_token_id, g)
-        with torch.autocast("cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32):
-            loss, acc = block_logits_loss(drafter, embed, head, feat, batch, cfg.block_size, vocab)
+        with torch.autocast(**autocast):
+            loss, acc = block_logits_loss(drafter, embed, head, feat, batch, cfg.block_size, vocab,
+                                          cfg.soft_targets, cfg.soft_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.model.parameters(), 1.0)
         opt.step()
         sched.step()
-        rows_done += int(batch[4].sum())
+        seen += int(batch[4].sum())
         loss_v = loss.item()
         loss_ema = loss_v if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_v
-        bar.set_postfix(loss=f"{loss_ema:.3f}", acc=f"{float(acc):.2f}", rows_s=f"{rows_done / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{loss_ema:.3f}", acc=f"{float(acc):.2f}", tok=seen)
         history.append({"step": step + 1, "loss": loss_v, "acc": acc.item()})
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            evaluate(step + 1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(drafter, opt, sched, g, step + 1, cfg, out)
+            save_checkpoint(drafter, opt, sched, g, step + 1, cfg, out, {"seen": seen, **clocks(), "curve": curve})
         if step + 1 == cfg.extra.get("stop_after"):  # an interrupted run (tests)
             return {"stopped_at": step + 1}
     drafter.model.eval()
-    with torch.autocast("cpu", dtype=dtype, enabled=verifier.device.type == "cpu" and dtype != torch.float32):
-        tau_tf = teacher_forced_acceptance(drafter, embed, head, holdout, cfg, torch.Generator().manual_seed(cfg.seed + 1))
-    report = {"steps": cfg.steps, "final_loss_ema": loss_ema, "heldout_teacher_forced_tau": tau_tf,
+    report = {"steps": cfg.steps, "final_loss_ema": loss_ema, "heldout": curve[-1],
+              "heldout_teacher_forced_tau": curve[-1]["tau"], "target_tokens": seen,
               "train_chunks": len(train_feats), "train_positions": sum(len(f["tokens"]) for f in train_feats),
               "seq_len": cfg.seq_len}
     drafter.config.training = {**asdict(cfg), "report": report}
@@ -625,9 +789,10 @@ def save_drafter(drafter: DiffusionDrafter, out: Path, dtype) -> None:
     model.to(was)
 
 
-def save_checkpoint(drafter, opt, sched, g, step, cfg, out: Path) -> None:
+def save_checkpoint(drafter, opt, sched, g, step, cfg, out: Path, progress: dict) -> None:
+    """Everything an exact resume needs; progress: target tokens seen, wall seconds and the curve so far."""
     state = {"model": drafter.model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "gen": g.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "config": asdict(cfg)}
+             "gen": g.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "config": asdict(cfg), **progress}
     tmp = out / "checkpoint.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "checkpoint.pt")
