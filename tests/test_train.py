@@ -152,6 +152,36 @@ def test_a_run_with_more_prompts_answers_only_the_new_ones(tmp_path, monkeypatch
     assert asked == []  # all cached
 
 
+def test_cached_answers_without_the_asked_soft_targets_are_featurised_again(tmp_path, monkeypatch):
+    """A cache that a run without soft targets wrote into beside a run with them holds answers lacking them: a run
+    asking soft targets featurises exactly those again (instead of failing mid-training), and the cache then
+    serves every answer with them."""
+    from conftest import make_verifier
+
+    import hybrid.drafters.train as tr
+
+    v = make_verifier("qwen3", seed=3)
+    layers, prompts = [0, 2], [[5, 9, 13], [7, 8, 9, 10], [60, 61], [3, 4, 5, 6, 7]]
+    plain = TrainConfig(verifier="tiny", corpus=[], out=str(tmp_path), block_size=2, gen_tokens=8, gen_batch=2,
+                        feature_cache=str(tmp_path / "plain"))
+    tr.load_or_generate_features(plain, v, layers, prompts, progress=False)  # fills the answers pool
+    soft = replace(plain, soft_targets=2, gen_backend="pool", feature_cache=str(tmp_path / "soft"))
+    tr.load_or_generate_features(soft, v, layers, prompts, progress=False)
+    first = sorted((tmp_path / "soft").glob("*.pt"))[0]
+    feats = torch.load(first)
+    stripped = tr.prompt_key(feats[0])
+    del feats[0]["soft_ids"], feats[0]["soft_probs"]  # as a run without soft targets would have written it
+    torch.save(feats, first)
+    asked, real = [], tr.answer_features
+    monkeypatch.setattr(tr, "answer_features", lambda v, l, p, a, k=0: asked.append(tuple(p)) or real(v, l, p, a, k))
+    again = tr.load_or_generate_features(soft, v, layers, prompts, progress=False)
+    assert asked == [stripped]
+    assert all(f["soft_ids"].shape[1] == 2 for f in again)
+    asked.clear()
+    tr.load_or_generate_features(soft, v, layers, prompts, progress=False)
+    assert asked == []  # the new file supersedes the stripped entry
+
+
 def test_batches_anchor_inside_the_answer():
     S, B = 30, 4
     feat = {"tokens": torch.arange(S), "pred": torch.arange(S) + 1, "hidden": torch.zeros(S, 8), "start": 20}

@@ -322,7 +322,7 @@ def load_or_build_features(cfg: TrainConfig, verifier, layer_ids: list[int], chu
     for i, chunk in enumerate(chunks):
         f = cache / f"{i:05d}.pt"
         d = torch.load(f) if f.exists() else None
-        if d is not None and (not cfg.soft_targets or d.get("soft_ids", torch.zeros(0, 0)).shape[1] >= cfg.soft_targets):
+        if d is not None and has_soft_targets(d, cfg.soft_targets):
             feats.append(d)
         else:
             d = featurise(verifier, layer_ids, chunk, soft_k=cfg.soft_targets)
@@ -378,6 +378,11 @@ def prompt_key(feat: dict) -> tuple[int, ...]:
     return tuple(feat["tokens"][: feat["start"] + 1].tolist())
 
 
+def has_soft_targets(feat: dict, k: int) -> bool:
+    """Whether cached features hold the verifier's top k probabilities (k = 0: none needed)."""
+    return not k or ("soft_ids" in feat and feat["soft_ids"].shape[1] >= k)
+
+
 def load_feature_cache(cache: Path) -> dict[tuple[int, ...], dict]:
     """Every cached answer's features in `cache`, by prompt, whichever run and batch wrote them."""
     return {prompt_key(f): f for file in sorted(cache.glob("*.pt")) for f in torch.load(file)}
@@ -418,7 +423,9 @@ def load_or_generate_features(cfg: TrainConfig, verifier, layer_ids: list[int], 
     batches = [order[i: i + cfg.gen_batch] for i in range(0, len(order), cfg.gen_batch)]
     random.Random(cfg.seed).shuffle(batches)  # a partial run still covers every prompt length
     batches = batches[: cfg.gen_batches]
-    cached = load_feature_cache(cache)
+    # answers cached without the soft targets this run asks (a run without them wrote into the cache beside one
+    # with them) are featurised again, into a later file that supersedes theirs
+    cached = {k: f for k, f in load_feature_cache(cache).items() if has_soft_targets(f, cfg.soft_targets)}
     todo = [[i for i in batch if tuple(prompts[i]) not in cached] for batch in batches]
     unanswered = [i for t in todo for i in t if tuple(prompts[i]) not in pool]
     if cfg.gen_backend == "vllm" and unanswered:
