@@ -66,6 +66,10 @@ class KVView:
         """Keys/values of positions [0, length) of one layer: k, v [length, H, D]."""
         return self.pool.gather(self.model, layer, self.seq, length)
 
+    def slots(self, start: int, end: int) -> torch.Tensor:
+        """Slot ids of positions [start, end) (pages reserved by `extend`): [end - start]."""
+        return ref.slots_for(self.pool.block_table(self.seq), start, end, self.pool.page_size)
+
     def extend(self, length: int) -> None:
         """Make room for positions [0, length) (taking pages from the pool) and record them as this model's."""
         self.pool.reserve(self.seq, length)
@@ -81,6 +85,28 @@ class KVView:
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy positions src to dst (every layer), in order: a draft tree's accepted path to the committed positions."""
         self.pool.move(self.model, self.seq, src, dst)
+
+
+class PackedKV:
+    """One model's keys/values of several sequences for one packed pass: sequence i's rows (T_i of them, packed
+    one after another) go to its positions [start_i, start_i + T_i), and attention reads every sequence's
+    positions [0, start_i + T_i), concatenated. The slots are worked out once per pass, so each layer is one
+    write and one gather whatever the number of sequences."""
+
+    def __init__(self, parts: list[tuple[KVView, int, int]]):
+        view = parts[0][0]
+        self.pool, self.model = view.pool, view.model
+        self.write_slots = torch.cat([v.slots(start, start + T) for v, start, T in parts])  # [sum T]
+        self.read_slots = torch.cat([v.slots(0, start + T) for v, start, T in parts])  # [sum (start + T)]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values of every sequence's rows, packed: k, v [sum T, H, D]."""
+        kv = self.pool.kv[self.model]
+        ops_for(kv).write_kv(kv, layer, k, v, self.write_slots)
+
+    def fetch(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's keys/values through its rows, packed: k, v [sum (start + T), H, D]."""
+        return ref.gather_slots(self.pool.kv[self.model], layer, self.read_slots)
 
 
 class PagePool:

@@ -5,7 +5,7 @@ import torch
 from conftest import make_verifier
 from hybrid.cuda import reference as ref
 from hybrid.errors import PagesExhausted
-from hybrid.pages import PagePool
+from hybrid.pages import PackedKV, PagePool
 
 
 def make_pool(num_pages=8, page_size=4):
@@ -13,6 +13,30 @@ def make_pool(num_pages=8, page_size=4):
     pool.register("a", num_layers=2, num_kv_heads=2, head_dim=3, dtype=torch.float32)
     pool.register("b", num_layers=1, num_kv_heads=1, head_dim=5, dtype=torch.float32)
     return pool
+
+
+def test_a_packed_pass_writes_each_sequences_rows_to_its_pages_and_reads_them_all_back_in_order():
+    """PackedKV (one write and one gather per layer for all sequences of a pass) against the pool's per-sequence
+    write and gather: the same pages written, and the packed read is every sequence's [0, start + T) in order."""
+    pool = make_pool(num_pages=12)
+    seqs, parts, rows = [pool.new_sequence() for _ in range(3)], [], []
+    for seq, (start, T) in zip(seqs, [(5, 3), (0, 4), (9, 1)]):  # page boundaries inside rows and contexts
+        view = pool.view(seq, "a")
+        view.extend(start)
+        view.write(1, 0, *torch.randn(2, start, 2, 3).unbind(0))  # context written earlier
+        view.extend(start + T)
+        parts.append((view, start, T))
+        rows.append(torch.randn(2, T, 2, 3))
+    other = [torch.stack(pool.gather("a", 0, s, s.lengths["a"])) for s in seqs]  # layer 0 must stay untouched
+    packed = PackedKV(parts)
+    packed.write(1, torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
+    k, v = packed.fetch(1)
+    want = [pool.gather("a", 1, s, start + T) for s, (_, start, T) in zip(seqs, parts)]
+    assert torch.equal(k, torch.cat([w[0] for w in want])) and torch.equal(v, torch.cat([w[1] for w in want]))
+    for (view, start, T), r in zip(parts, rows):
+        wk, wv = pool.gather("a", 1, view.seq, start + T)
+        assert torch.equal(wk[start:], r[0]) and torch.equal(wv[start:], r[1])
+    assert all(torch.equal(torch.stack(pool.gather("a", 0, s, s.lengths["a"])), o) for s, o in zip(seqs, other))
 
 
 def test_write_then_gather_returns_what_was_written_across_page_boundaries():

@@ -46,6 +46,13 @@ def gather_kv(kv: torch.Tensor, layer: int, block_table: torch.Tensor, length: i
     return pages[0], pages[1]
 
 
+def gather_slots(kv: torch.Tensor, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values of token slots [S] of one layer, in order (any sequences' slots) -> k, v [S, H, D]."""
+    L, _, N, P, H, D = kv.shape
+    flat = kv[layer].view(2, N * P, H * D)  # [2, N*P, H*D]: one row per slot
+    return (flat[0].index_select(0, slots).view(-1, H, D), flat[1].index_select(0, slots).view(-1, H, D))
+
+
 def copy_pages(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy whole pages src[i] -> dst[i] for every layer (forking a sequence). kv [L, 2, N, P, H, D]; src, dst [M]."""
     kv[:, :, dst] = kv[:, :, src]

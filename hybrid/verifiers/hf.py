@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hybrid.errors import UserError
-from hybrid.pages import KVView, PagePool, Sequence
+from hybrid.pages import KVView, PackedKV, PagePool, Sequence
 from hybrid.verifiers.base import Rows, VerifyOutput
 
 MODEL_NAME = "verifier"
@@ -38,15 +38,8 @@ class PackedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states, value_states [1, H, sum T, D] -> every sequence's keys/values [1, H, sum (start + T), D]
-        keys, values, row = [], [], 0
-        for view, start, T in self.cache.parts:
-            view.write(self.layer, start, key_states[0, :, row : row + T].transpose(0, 1),
-                       value_states[0, :, row : row + T].transpose(0, 1))
-            k, v = view.fetch(self.layer, start + T)  # [start + T, H, D]
-            keys.append(k)
-            values.append(v)
-            row += T
-        k, v = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys), torch.cat(values))
+        self.cache.kv.write(self.layer, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        k, v = self.cache.kv.fetch(self.layer)  # [sum (start + T), H, D]
         return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -64,7 +57,7 @@ class PackedCache(Cache):
     parts [(view, start, T)] say where each sequence's rows go (positions [start, start + T) of its view)."""
 
     def __init__(self, parts: list[tuple[KVView, int, int]], num_layers: int):
-        self.parts = parts
+        self.kv = PackedKV(parts)
         self.keys = sum(start + T for _, start, T in parts)
         super().__init__(layers=[PackedLayer(self, i) for i in range(num_layers)])
 
