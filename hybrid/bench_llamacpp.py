@@ -327,11 +327,13 @@ class LlamaCppPeers:
                          f"and identity are against {plain}, llama.cpp's own plain decoding")
             if plain in stats and "plain" in stats:
                 ours, theirs = stats["plain"][ALL].tokens_per_s, stats[plain][ALL].tokens_per_s
-                fastest = max((m for m in stats if not m.startswith(self.prefix)),
-                              key=lambda m: stats[m][ALL].tokens_per_s)
-                best = stats[fastest][ALL].tokens_per_s
+                speed = lambda m: stats[m][ALL].tokens_per_s  # noqa: E731
+                mine = max((m for m in stats if not m.startswith(self.prefix)), key=speed)
+                their = max((m for m in stats if m.startswith(self.prefix)), key=speed)
                 notes.append(f"{plain} decodes {theirs:.2f} tokens/s, {theirs / max(ours, 1e-9):.2f}x our plain; our "
-                             f"fastest ({fastest}) {best:.2f} tokens/s is {best / max(theirs, 1e-9):.2f}x {plain}")
+                             f"fastest ({mine}) {speed(mine):.2f} tokens/s is {speed(mine) / max(theirs, 1e-9):.2f}x "
+                             f"{plain} and {speed(mine) / max(speed(their), 1e-9):.2f}x llama.cpp's fastest "
+                             f"({their}, {speed(their):.2f} tokens/s)")
         if info.get("hybrid_form") == "draft-simple":
             notes.append(f"{self.prefix}hybrid:draft-simple: our parallel drafter run as an ordinary draft model, one "
                          "drafter pass per draft token (llama.cpp has no parallel drafting mode)")

@@ -108,6 +108,7 @@ def test_default_bench_puts_llama_cpps_rows_beside_ours(models):
     assert r.stats["llama.cpp/plain"][ALL].speedup == 1.0
     report = format_report(r)
     assert "llama.cpp/plain decodes" in report and "llama.cpp's own plain decoding" in report
+    assert "x llama.cpp's fastest (llama.cpp/" in report
     assert r.config["llama_cpp"]["verifier_arch"] == "qwen2"
 
 
