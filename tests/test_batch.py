@@ -54,12 +54,17 @@ def test_each_sequence_of_a_batch_decodes_what_plain_greedy_decoding_alone_does(
 
 
 def test_one_pass_over_a_batch_gives_each_sequence_its_own_logits_and_pages():
-    """The packed verifier pass: a chain, a tree and a prompt chunk of three sequences in one forward pass give
-    each one the logits (and keys/values) of a pass over it alone."""
+    """The packed verifier pass: a chain, a tree, a prompt chunk wanting no logits and one wanting its last two
+    rows', of four sequences in one forward pass, give each one the logits (and keys/values) of a pass over it
+    alone; the head runs once for the whole pass (it is the largest matrix)."""
     v = make_verifier("qwen3")
-    contexts = [[5, 9, 14, 20], [7, 8, 9, 10, 11, 12, 13], [40]]
-    rows = [torch.tensor([33, 34, 35]), torch.tensor([33, 34, 35, 36]), torch.tensor([41, 42, 43, 44, 45])]
-    parents = [None, torch.tensor([0, 0, 1]), None]
+    contexts = [[5, 9, 14, 20], [7, 8, 9, 10, 11, 12, 13], [40], [3, 4]]
+    rows = [torch.tensor([33, 34, 35]), torch.tensor([33, 34, 35, 36]), torch.tensor([41, 42, 43, 44, 45]),
+            torch.tensor([50, 51, 52])]
+    parents = [None, torch.tensor([0, 0, 1]), None, None]
+    wanted = [None, None, 0, 2]
+    head, calls = v.head, []
+    v.head = lambda x: calls.append(x.shape[0]) or head(x)
 
     def run(batched: bool):
         pool = PagePool(32, 4)
@@ -67,13 +72,19 @@ def test_one_pass_over_a_batch_gives_each_sequence_its_own_logits_and_pages():
         seqs = [pool.new_sequence() for _ in contexts]
         for seq, ctx in zip(seqs, contexts):
             v.prefill(seq, torch.tensor(ctx))
-        asks = [Rows(v.view(s), r, p) for s, r, p in zip(seqs, rows, parents)]
+        asks = [Rows(v.view(s), r, p, w) for s, r, p, w in zip(seqs, rows, parents, wanted)]
+        calls.clear()
         outs = v.forward(asks) if batched else [v.forward([a])[0] for a in asks]
         kv = [pool.gather(v.name, 1, s, s.lengths[v.name]) for s in seqs]
         return [o.logits for o in outs], kv
 
     (alone, kv_alone), (together, kv_together) = run(False), run(True)
+    assert calls == [3 + 4 + 2]  # one head call over the wanted rows of all four
+    assert together[2] is None and [t.shape[0] for t in together[:2] + together[3:]] == [3, 4, 2]
     for a, b in zip(alone, together):
+        if a is None:
+            assert b is None
+            continue
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for (ka, va), (kb, vb) in zip(kv_alone, kv_together):
         torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)

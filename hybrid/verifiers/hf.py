@@ -196,11 +196,18 @@ class HFVerifier:
                 h.remove()
         hidden = out.last_hidden_state[0]  # [sum T, H]
         feats = torch.cat([captured[i][0] for i in capture], dim=-1) if capture else None  # [sum T, n*H]
-        outputs, row = [], 0
+        # the head once over every sequence's wanted rows (it is the largest matrix: a call per sequence would
+        # read it once per sequence)
+        wanted, picks, row = [], [], 0
         for rows, (_, _, T) in zip(batch, parts):
-            wanted = T if rows.logits is None else min(rows.logits, T)
-            logits = self.head(hidden[row + T - wanted : row + T]).float() if wanted else None  # [wanted, V]
-            outputs.append(VerifyOutput(logits, None if feats is None else feats[row : row + T]))
+            wanted.append(T if rows.logits is None else min(rows.logits, T))
+            picks.append(torch.arange(row + T - wanted[-1], row + T))
+            row += T
+        picks = torch.cat(picks).to(hidden.device)
+        logits = self.head(hidden[picks]).float().split(wanted) if picks.numel() else [None] * len(batch)  # [w, V]
+        outputs, row = [], 0
+        for (_, _, T), w, lg in zip(parts, wanted, logits):
+            outputs.append(VerifyOutput(lg if w else None, None if feats is None else feats[row : row + T]))
             row += T
         return outputs
 
