@@ -262,7 +262,7 @@ def _int_list(text: str, option: str) -> list[int]:
                    "per-client tokens/s, TTFT and TPOT percentiles per level (methods: plain, hybrid, vllm-plain, "
                    "vllm-hybrid).")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
-              help="With --concurrency: prompt tokens prefilled per engine step in all [default: 64].")
+              help="With --concurrency: prompt tokens prefilled per engine step in all [default: 256].")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @click.option("--plot", "plot_file", default=None, metavar="FILE", help="Draw speedup and acceptance per position to FILE.png (needs matplotlib).")
 @_dtype_option
@@ -333,7 +333,7 @@ def bench(verifier, drafter, parallel_drafter, assistant, backend, methods, prom
 @_tree_option
 @click.option("--max-concurrent", type=int, default=8, show_default=True,
               help="Requests decoding at once (each engine step: one verifier pass over all of them).")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,  # engine.DEFAULT_PREFILL_CHUNK
               help="Prompt tokens prefilled per engine step in all, beside the running requests' rounds.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 503.")
 @click.option("--max-prompt-tokens", type=int, default=4096, show_default=True)

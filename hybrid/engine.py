@@ -19,7 +19,7 @@ from hybrid.verifiers.hf import HFVerifier
 
 MAX_TREE = 64  # draft tree tokens per verify pass
 AUTO_TREE = 8  # the tree budget of block size auto: 9 rows cost about 2 on a bf16 CPU (bench/verify_rows.py)
-DEFAULT_PREFILL_CHUNK = 64  # prompt tokens prefilled per step when requests run together
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per step when requests run together (bench/RESULTS.md (x))
 
 
 def tree_budget(cfg: "GenerationConfig") -> int:
