@@ -514,9 +514,35 @@ def run_hf(model, prompt_ids: list[int], method: str, category: str, index: int,
 
 
 # -- the benchmark -------------------------------------------------------------------------
+def run_schedule(runners, encoded: list[list[int]], cfg, progress: bool, desc: str = "bench") -> list:
+    """Warm every runner up (untimed), then run the schedule (interleaved: each prompt through every runner in
+    turn; or one method at a time) -> the runs, method-major, prompts in order. runners: [(label, one)]."""
+    from tqdm import tqdm
+
+    if cfg.order == "method":
+        schedule = [(v, i) for v in range(len(runners)) for i in range(len(encoded))]
+    else:
+        schedule = [(v, i) for i in range(len(encoded)) for v in range(len(runners))]
+    runs = []
+    bar = tqdm(total=len(schedule), desc=desc, unit="run", disable=not progress, dynamic_ncols=True)
+    try:
+        for label, one in runners:
+            bar.set_description(f"{label} warm-up")
+            one(0, encoded[0], cfg.warmup_tokens, cfg.seed)
+        for v, i in schedule:
+            label, one = runners[v]
+            bar.set_description(label)
+            runs.append(one(i, encoded[i], cfg.max_new_tokens, cfg.seed + i))
+            bar.update(1)
+    finally:
+        bar.close()
+    order = [label for label, _ in runners]
+    runs.sort(key=lambda r: order.index(r.method))
+    return runs
+
+
 def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResult:
     """Load the models, run every method on every prompt, return the figures. `echo` gets notes."""
-    from tqdm import tqdm
 
     from hybrid.drafters import load_drafter, shipped_drafter
     from hybrid.engine import Engine, GenerationConfig, tree_budget
@@ -608,26 +634,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResul
     peers = llamacpp_peers(cfg, prompts, skipped, echo)  # llama.cpp's methods in the same schedule (--llama-cpp)
     if peers is not None:
         runners += peers.start(encoded)
-    if cfg.order == "method":
-        schedule = [(v, i) for v in range(len(runners)) for i in range(len(encoded))]
-    else:  # interleaved: each prompt through every variant in turn
-        schedule = [(v, i) for i in range(len(encoded)) for v in range(len(runners))]
-    runs: list[PromptRun] = []
-    bar = tqdm(total=len(schedule), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     try:
-        for label, one in runners:
-            bar.set_description(f"{label} warm-up")
-            one(0, encoded[0], cfg.warmup_tokens, cfg.seed)  # untimed
-        for v, i in schedule:
-            label, one = runners[v]
-            bar.set_description(label)
-            runs.append(one(i, encoded[i], cfg.max_new_tokens, cfg.seed + i))
-            bar.update(1)
+        runs = run_schedule(runners, encoded, cfg, progress)
     finally:
-        bar.close()
         if peers is not None:
             peers.close()
-    runs.sort(key=lambda r: [label for label, _ in runners].index(r.method))  # method-major, prompts in order
 
     stats, mismatches = summarise(runs, [label for label, _, _ in variants], categories, greedy)
     if peers is not None:  # llama.cpp's rows: speedup and identity against llama.cpp's own plain

@@ -388,7 +388,7 @@ def version() -> str:
 
 def run_llamacpp_bench(cfg, progress: bool = True, echo=print):
     """`hybrid bench --backend llama.cpp`: one llama-server per (method, K), every prompt through each in turn."""
-    from hybrid.bench import DEFAULT_PROMPTS, BenchResult, load_prompts, summarise
+    from hybrid.bench import DEFAULT_PROMPTS, BenchResult, load_prompts, run_schedule, summarise
     from hybrid.engine import GenerationConfig
 
     GenerationConfig(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size, temperature=cfg.temperature,
@@ -400,7 +400,7 @@ def run_llamacpp_bench(cfg, progress: bool = True, echo=print):
     peers = LlamaCppPeers(cfg, list(cfg.methods), prompts, echo)
     encoded = peers.encode()
     try:
-        runs = run_schedule(peers.start(encoded), encoded, cfg, progress)
+        runs = run_schedule(peers.start(encoded), encoded, cfg, progress, desc="bench (llama.cpp)")
     finally:
         peers.close()
     labels = peers.labels()
@@ -410,29 +410,3 @@ def run_llamacpp_bench(cfg, progress: bool = True, echo=print):
     config.update(backend="llama.cpp", methods=list(cfg.methods), prompts=str(cfg.prompts or DEFAULT_PROMPTS),
                   num_prompts=len(prompts), llama_cpp=info, notes=notes)
     return BenchResult(config, categories, stats, peers.skipped, mismatches, runs)
-
-
-def run_schedule(runners, encoded: list[list[int]], cfg, progress: bool) -> list:
-    """Warm every runner up (untimed), then run the schedule (interleaved or one method at a time)."""
-    from tqdm import tqdm
-
-    if cfg.order == "method":
-        schedule = [(v, i) for v in range(len(runners)) for i in range(len(encoded))]
-    else:
-        schedule = [(v, i) for i in range(len(encoded)) for v in range(len(runners))]
-    runs = []
-    bar = tqdm(total=len(schedule), desc="bench (llama.cpp)", unit="run", disable=not progress, dynamic_ncols=True)
-    try:
-        for label, one in runners:
-            bar.set_description(f"{label} warm-up")
-            one(0, encoded[0], cfg.warmup_tokens, cfg.seed)
-        for v, i in schedule:
-            label, one = runners[v]
-            bar.set_description(label)
-            runs.append(one(i, encoded[i], cfg.max_new_tokens, cfg.seed + i))
-            bar.update(1)
-    finally:
-        bar.close()
-    order = [label for label, _ in runners]
-    runs.sort(key=lambda r: order.index(r.method))
-    return runs
