@@ -543,7 +543,6 @@ def run_schedule(runners, encoded: list[list[int]], cfg, progress: bool, desc: s
 
 def run_bench(cfg: BenchConfig, progress: bool = True, echo=print) -> BenchResult:
     """Load the models, run every method on every prompt, return the figures. `echo` gets notes."""
-
     from hybrid.drafters import load_drafter, shipped_drafter
     from hybrid.engine import Engine, GenerationConfig, tree_budget
     from hybrid.pages import PagePool
