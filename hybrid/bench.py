@@ -321,8 +321,11 @@ def aggregate(runs: list[PromptRun]) -> MethodStats:
     )
 
 
-def summarise(runs: list[PromptRun], methods: list[str], categories: list[str], greedy: bool
+def summarise(runs: list[PromptRun], methods: list[str], categories: list[str], greedy: bool, plain: str = "plain"
               ) -> tuple[dict[str, dict[str, MethodStats]], list[Mismatch]]:
+    """Each method's figures per category and overall, with speedup and identity against the method `plain`
+    (a backend's own plain decoding: llama.cpp's rows beside ours are measured against llama.cpp's)."""
+    baseline = plain
     stats: dict[str, dict[str, MethodStats]] = {}
     for m in methods:
         mine = [r for r in runs if r.method == m]
@@ -331,10 +334,10 @@ def summarise(runs: list[PromptRun], methods: list[str], categories: list[str], 
         stats[m] = {c: aggregate([r for r in mine if r.category == c]) for c in categories}
         stats[m][ALL] = aggregate(mine)
     mismatches: list[Mismatch] = []
-    plain = {r.index: r for r in runs if r.method == "plain"}
+    plain = {r.index: r for r in runs if r.method == baseline}
     for m, cats in stats.items():
         for c, s in cats.items():
-            base = stats.get("plain", {}).get(c)
+            base = stats.get(baseline, {}).get(c)
             if base is not None and base.tokens_per_s > 0:
                 s.speedup = s.tokens_per_s / base.tokens_per_s
         if not greedy or not plain:

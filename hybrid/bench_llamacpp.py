@@ -35,7 +35,7 @@ import hashlib
 import json
 import tempfile
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybrid.errors import UserError
@@ -308,8 +308,10 @@ class LlamaCppPeers:
     def merge_summary(self, runs, categories: list[str], greedy: bool, stats: dict, mismatches: list):
         """Beside our engine's rows: llama.cpp's, with speedup and identity against llama.cpp's own plain (its
         plain row has no identity figure: other weights than our plain's)."""
+        from hybrid.bench import summarise
+
         plain = self.prefix + "plain"
-        mine, theirs = summarise_group(runs, self.labels(), categories, greedy, plain)
+        mine, theirs = summarise(runs, self.labels(), categories, greedy, plain=plain)
         for s in mine.get(plain, {}).values():
             s.identical_to_plain = None
         return {**stats, **mine}, mismatches + theirs
@@ -326,12 +328,12 @@ class LlamaCppPeers:
             notes.append(f"{self.prefix}* rows: llama.cpp ({info['version']}) on {self.verifier.name}; their speedup "
                          f"and identity are against {plain}, llama.cpp's own plain decoding")
             if plain in stats and "plain" in stats:
-                ours, theirs = stats["plain"][ALL].tokens_per_s, stats[plain][ALL].tokens_per_s
                 speed = lambda m: stats[m][ALL].tokens_per_s  # noqa: E731
+                theirs = speed(plain)
                 mine = max((m for m in stats if not m.startswith(self.prefix)), key=speed)
                 their = max((m for m in stats if m.startswith(self.prefix)), key=speed)
-                notes.append(f"{plain} decodes {theirs:.2f} tokens/s, {theirs / max(ours, 1e-9):.2f}x our plain; our "
-                             f"fastest ({mine}) {speed(mine):.2f} tokens/s is {speed(mine) / max(theirs, 1e-9):.2f}x "
+                notes.append(f"{plain} decodes {theirs:.2f} tokens/s, {theirs / max(speed('plain'), 1e-9):.2f}x our "
+                             f"plain; our fastest ({mine}) {speed(mine):.2f} tokens/s is {speed(mine) / max(theirs, 1e-9):.2f}x "
                              f"{plain} and {speed(mine) / max(speed(their), 1e-9):.2f}x llama.cpp's fastest "
                              f"({their}, {speed(their):.2f} tokens/s)")
         if info.get("hybrid_form") == "draft-simple":
@@ -363,20 +365,6 @@ def peers_for_bench(cfg, prompts, skipped: dict, echo) -> LlamaCppPeers | None:
     for m, why in peers.skipped.items():
         skipped[PREFIX + m] = why
     return peers
-
-
-def summarise_group(runs, labels: list[str], categories: list[str], greedy: bool, plain: str):
-    """bench.summarise over one group of rows whose own plain row is `plain`: speedup and identity against it."""
-    from hybrid.bench import summarise
-
-    rename = {plain: "plain"}
-    back = {"plain": plain}
-    mine = [replace(r, method=rename.get(r.method, r.method)) for r in runs if r.method in labels]
-    stats, mismatches = summarise(mine, [rename.get(m, m) for m in labels], categories, greedy)
-    stats = {back.get(m, m): s for m, s in stats.items()}
-    for x in mismatches:
-        x.method = back.get(x.method, x.method)
-    return stats, mismatches
 
 
 def version() -> str:
