@@ -92,7 +92,7 @@ def step_loss(model, seq, start: int, anchors: list[int], B: int, mask_id: int, 
 def heldout_acceptance(model, seqs, B: int, mask_id: int, stride: int = 4) -> dict:
     """Teacher-forced acceptance: at every `stride`-th answer position a block is drafted in one pass and accepted
     while it matches the verifier's answer -> {"tau": mean accepted + 1, "per_position": acceptance rate at k}."""
-    accepted, reach = [], torch.zeros(B)
+    oks = []
     for seq, start in seqs:
         L = seq.numel()
         anchors = list(range(start, L - B - 1, stride))
@@ -105,7 +105,17 @@ def heldout_acceptance(model, seqs, B: int, mask_id: int, stride: int = 4) -> di
         rest = logits[len(anchors) :].argmax(-1).view(len(anchors), B - 1)  # [A, B-1]
         draft = torch.cat([first, rest], 1)  # [A, B]
         truth = torch.stack([seq[a + 1 : a + 1 + B] for a in anchors])  # [A, B]
-        ok = (draft == truth).int().cumprod(1)  # [A, B] accepted prefix
+        oks.append(draft == truth)
+    return block_acceptance(oks, B)
+
+
+def block_acceptance(oks: list[torch.Tensor], B: int) -> dict:
+    """The held-out measure shared by every drafter kind: per block, whether each draft position matches the
+    verifier ([A, B] bool, any number of blocks per answer); a block is accepted through its first miss ->
+    {"tau": mean accepted + 1, "per_position": acceptance rate at each draft position, "blocks"}."""
+    accepted, reach = [], torch.zeros(B)
+    for ok in oks:
+        ok = ok.int().cumprod(1)  # [A, B] accepted prefix
         accepted += ok.sum(1).tolist()
         reach += ok.sum(0).float()
     n = max(len(accepted), 1)

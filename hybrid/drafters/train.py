@@ -588,8 +588,9 @@ def heldout_acceptance(drafter, embed, feats, B: int, stride: int = 4) -> dict:
     matches the verifier's answer x_{a+1..a+B} -> {"tau": mean accepted + 1, "per_position": acceptance rate at
     each draft position, "blocks"}. Corpus chunks (no answer) count a row only while the text agrees with the
     verifier's predictions, since past that the verifier's own continuation is unknown."""
-    accepted, reach = [], torch.zeros(B)
-    k = torch.arange(B)
+    from hybrid.drafters.parallel_train import block_acceptance
+
+    oks, k = [], torch.arange(B)
     for feat in feats:
         x = feat["tokens"]
         anchors = torch.arange(int(feat.get("start", 1)), x.shape[0] - B, stride)  # [A]; a + B <= last index
@@ -606,11 +607,8 @@ def heldout_acceptance(drafter, embed, feats, B: int, stride: int = 4) -> dict:
         ok = draft == truth
         if "start" not in feat:
             ok &= truth == feat["pred"][anchors[:, None] + k[None]]  # the text is the verifier's prediction
-        ok = ok.int().cumprod(1)  # [A, B] accepted prefix
-        accepted += ok.sum(1).tolist()
-        reach += ok.sum(0).float()
-    n = max(len(accepted), 1)
-    return {"tau": 1 + sum(accepted) / n, "per_position": (reach / n).tolist(), "blocks": len(accepted)}
+        oks.append(ok)
+    return block_acceptance(oks, B)
 
 
 # -- the training run -----------------------------------------------------------------------
